@@ -1,0 +1,29 @@
+# apm-bench: `make run` installs into .venv and runs the default benchmark; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test test-gpu bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/apm run --method routing
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,93 @@
+"""The one interface every engine implements: batched chat generation with seeds.
+
+Requests are plain frozen dataclasses (they are built by the thousand inside a run); pydantic is
+kept for the edges. A request can carry a LoRA adapter and soft-prompt embeddings so that methods
+which personalize through weights use the same path as methods that personalize through text.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A trained adapter by name; `path` points at its saved weights where the engine loads from disk."""
+
+    name: str
+    path: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SoftPrompt:
+    """m virtual tokens of the model's hidden size, placed before the prompt."""
+
+    embeddings: np.ndarray  # shape (m, hidden)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[Message, ...]
+    seed: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: AdapterRef | None = None
+    soft_prompt: SoftPrompt | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    logprob: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    logprobs: bool = False
+    adapters: bool = False
+    soft_prompts: bool = False
+    trainable: bool = False
+
+
+class Backend(ABC):
+    """An engine bound to one model. Instances are created per run, never kept globally."""
+
+    name: str
+    model: str
+    capabilities: Capabilities
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """One generation per request, in order; the same request (seed included) gives the same text."""
+
+    def close(self) -> None:
+        """Release engine resources; the default holds none."""
+
+
+def chat(prompt: str, system: str | None = None) -> tuple[Message, ...]:
+    """The two-message conversation most methods send."""
+    if system is None:
+        return (Message("user", prompt),)
+    return (Message("system", system), Message("user", prompt))

@@ -1,0 +1,83 @@
+"""The embedded default backend: the style simulator behind the common Backend interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest, Message
+from apm_bench.catalog import Catalog
+from apm_bench.sim.policy import SimPolicy, SimProfile
+from apm_bench.sim.reader import ContextReader
+from apm_bench.sim.style import StyleCodec, stable_seed
+
+
+class SimBackend(Backend):
+    """Generation = read the context, sample a style vector from the policy, render it as text.
+
+    The draw depends only on the request's seed, so two methods asked with the same seed share
+    their randomness (common random numbers), and their difference reflects their contexts.
+    """
+
+    name = "sim"
+    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True)
+
+    def __init__(self, model: str, profile: SimProfile, catalog: Catalog, seed: int = 0) -> None:
+        self.model = model
+        self.catalog = catalog
+        self.codec = StyleCodec(catalog.principles)
+        self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
+        self.policy = SimPolicy(profile, catalog.principles, catalog.attributes, self.reader.width, seed=seed)
+
+    def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
+        return torch.tensor(self.reader.read_many(conversations), dtype=torch.float32)
+
+    def push_for(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        features = self.features([r.messages for r in requests])
+        adapters = [r.adapter.name if r.adapter else None for r in requests]
+        for name in {a for a in adapters if a is not None} - set(self.policy.adapters):
+            source = next(r.adapter for r in requests if r.adapter and r.adapter.name == name)
+            if source is None or source.path is None:
+                raise KeyError(f"adapter {name!r} is neither loaded nor given a path")
+            self.policy.load_adapter(name, source.path)
+        soft = [
+            torch.as_tensor(r.soft_prompt.embeddings, dtype=torch.float32) if r.soft_prompt is not None else None
+            for r in requests
+        ]
+        has_adapter = any(a is not None for a in adapters)
+        has_soft = any(s is not None for s in soft)
+        return self.policy.push(features, adapters if has_adapter else None, soft if has_soft else None)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        if not requests:
+            return []
+        with torch.no_grad():
+            push = self.push_for(requests)
+        rngs = [np.random.default_rng(stable_seed("sim-generate", r.seed)) for r in requests]
+        uniforms = np.stack([rng.random(self.codec.size) for rng in rngs])
+        temperatures = np.array([r.params.temperature for r in requests])
+        styles = self.policy.sample(push, temperatures, uniforms)
+        logprobs: list[float | None] = [None] * len(requests)
+        wanted = [i for i, r in enumerate(requests) if r.params.logprobs]
+        if wanted:
+            with torch.no_grad():
+                values = self.policy.style_log_prob(
+                    push[wanted], torch.as_tensor(styles[wanted]), torch.as_tensor(temperatures[wanted], dtype=torch.float32)
+                )
+            for i, value in zip(wanted, values.tolist()):
+                logprobs[i] = value
+        generations = []
+        for request, style, rng, logprob in zip(requests, styles, rngs, logprobs):
+            prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+            text = self.codec.render(prompt, style, rng)
+            generations.append(
+                Generation(
+                    text=text,
+                    logprob=logprob,
+                    prompt_tokens=sum(len(m.content.split()) for m in request.messages),
+                    completion_tokens=len(text.split()),
+                )
+            )
+        return generations

@@ -1,0 +1,222 @@
+"""Catalogs: the response principles, the user attributes and the persona seeds.
+
+Catalogs are data (YAML folders), validated here so that a typo in a user's own catalog fails
+at load time with one clear line instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from apm_bench.errors import CatalogError
+
+Side = Literal["follow", "avoid"]
+POOL_SIZES = (2, 4, 6, 8, 10)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrincipleMarkers(_Strict):
+    """Sentences the simulator inserts to make a principle visible and its judge counts."""
+
+    follow_markers: list[str] = Field(min_length=3)
+    avoid_markers: list[str] = Field(min_length=3)
+
+
+class Principle(_Strict):
+    id: str
+    name: str
+    description: str
+    rubric: str
+    follow_instruction: str
+    avoid_instruction: str
+    keywords: list[str] = Field(min_length=1)
+    opposite_keywords: list[str] = Field(default_factory=list)
+    sim: PrincipleMarkers
+
+    def instruction(self, side: Side) -> str:
+        return self.follow_instruction if side == "follow" else self.avoid_instruction
+
+    def markers(self, side: Side) -> list[str]:
+        return self.sim.follow_markers if side == "follow" else self.sim.avoid_markers
+
+
+class AttributeSide(_Strict):
+    description: str
+    phrases: list[str] = Field(min_length=3)
+
+
+class Attribute(_Strict):
+    id: str
+    name: str
+    follow: AttributeSide
+    avoid: AttributeSide
+    stereotype: dict[str, float] = Field(default_factory=dict)
+
+    def side(self, side: Side) -> AttributeSide:
+        return self.follow if side == "follow" else self.avoid
+
+    @field_validator("stereotype")
+    @classmethod
+    def _weights_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, weight in value.items():
+            if not -1.0 <= weight <= 1.0:
+                raise ValueError(f"stereotype weight for {key!r} must lie in [-1, 1], got {weight}")
+        return value
+
+
+class PersonaSeed(_Strict):
+    name: str
+    occupation: str
+    interests: list[str] = Field(min_length=1)
+
+
+class AntonymCatalog(_Strict):
+    pairs: list[tuple[str, str]] = Field(min_length=1)
+    descriptions: dict[str, str]
+
+    @model_validator(mode="after")
+    def _every_word_described(self) -> "AntonymCatalog":
+        missing = [w for pair in self.pairs for w in pair if w not in self.descriptions]
+        if missing:
+            raise ValueError(f"antonym words without a description: {missing}")
+        return self
+
+
+class Catalog(_Strict):
+    """The full pools; `with_pool(k)` narrows principles and attributes to the first k."""
+
+    principles: list[Principle]
+    attributes: list[Attribute]
+    seeds: list[PersonaSeed]
+    antonyms: AntonymCatalog | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Catalog":
+        _require_unique("principle id", [p.id for p in self.principles])
+        _require_unique("attribute id", [a.id for a in self.attributes])
+        known = {p.id for p in self.principles}
+        for attribute in self.attributes:
+            unknown = set(attribute.stereotype) - known
+            if unknown:
+                raise ValueError(f"attribute {attribute.id!r} stereotype names unknown principles {sorted(unknown)}")
+        markers = [m for p in self.principles for side in ("follow", "avoid") for m in p.markers(side)]
+        _require_unique_substring_free("principle marker", markers)
+        phrases = [ph for a in self.attributes for side in ("follow", "avoid") for ph in a.side(side).phrases]
+        _require_unique_substring_free("attribute phrase", phrases)
+        return self
+
+    @property
+    def principle_ids(self) -> list[str]:
+        return [p.id for p in self.principles]
+
+    @property
+    def attribute_ids(self) -> list[str]:
+        return [a.id for a in self.attributes]
+
+    def principle(self, principle_id: str) -> Principle:
+        return _by_id(self.principles, principle_id, "principle")
+
+    def attribute(self, attribute_id: str) -> Attribute:
+        return _by_id(self.attributes, attribute_id, "attribute")
+
+    def with_pool(self, k: int) -> "Catalog":
+        """The paper's smaller pools are prefixes of the catalog order, for principles and attributes alike."""
+        if k < 1 or k > min(len(self.principles), len(self.attributes)):
+            raise CatalogError(
+                f"pool size {k} is out of range: this catalog has {len(self.principles)} principles "
+                f"and {len(self.attributes)} attributes"
+            )
+        principles = self.principles[:k]
+        kept = {p.id for p in principles}
+        attributes = [
+            a.model_copy(update={"stereotype": {p: w for p, w in a.stereotype.items() if p in kept}})
+            for a in self.attributes[:k]
+        ]
+        return Catalog(principles=principles, attributes=attributes, seeds=self.seeds, antonyms=self.antonyms)
+
+
+def _by_id(items: list, item_id: str, kind: str):  # type: ignore[no-untyped-def]
+    for item in items:
+        if item.id == item_id:
+            return item
+    raise CatalogError(f"unknown {kind} {item_id!r}; known: {', '.join(i.id for i in items)}")
+
+
+def _require_unique(kind: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"duplicate {kind} {value!r}")
+        seen.add(value)
+
+
+def _require_unique_substring_free(kind: str, values: list[str]) -> None:
+    """The simulator detects these strings by substring match, so one must never contain another."""
+    _require_unique(kind, values)
+    ordered = sorted(values, key=len)
+    for i, short in enumerate(ordered):
+        for long in ordered[i + 1 :]:
+            if short in long:
+                raise ValueError(f"{kind} {short!r} is contained in {long!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_catalog_dir(name: str) -> Path:
+    """Catalog folders live at the repository root; an installed wheel carries copies inside the package."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir.parent / name, package_dir / "_catalogs" / name):
+        if candidate.is_dir():
+            return candidate
+    raise CatalogError(f"cannot find the built-in {name}/ catalog next to the apm_bench package")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise CatalogError(f"catalog file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise CatalogError(f"malformed YAML in {path}{line}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path} must hold a YAML mapping at the top level")
+    return data
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def load_catalog(principles_dir: Path | None = None, personas_dir: Path | None = None) -> Catalog:
+    principles_dir = Path(principles_dir) if principles_dir else default_catalog_dir("principles")
+    personas_dir = Path(personas_dir) if personas_dir else default_catalog_dir("personas")
+    for folder in (principles_dir, personas_dir):
+        if not folder.is_dir():
+            raise CatalogError(f"catalog folder not found: {folder}")
+    principles_file = principles_dir / "principles.yaml"
+    antonyms_file = principles_dir / "antonyms.yaml"
+    attributes_file = personas_dir / "attributes.yaml"
+    seeds_file = personas_dir / "seeds.yaml"
+    try:
+        principles = [Principle.model_validate(p) for p in _read_yaml(principles_file).get("principles", [])]
+        antonyms = AntonymCatalog.model_validate(_read_yaml(antonyms_file)) if antonyms_file.exists() else None
+        attributes = [Attribute.model_validate(a) for a in _read_yaml(attributes_file).get("attributes", [])]
+        seeds = [PersonaSeed.model_validate(s) for s in _read_yaml(seeds_file).get("seeds", [])] if seeds_file.exists() else []
+        catalog = Catalog(principles=principles, attributes=attributes, seeds=seeds, antonyms=antonyms)
+    except ValidationError as exc:
+        raise CatalogError(f"invalid catalog in {principles_dir} / {personas_dir}: {_first_error(exc)}") from None
+    if not catalog.principles or not catalog.attributes:
+        raise CatalogError(f"catalog needs at least one principle ({principles_file}) and one attribute ({attributes_file})")
+    return catalog

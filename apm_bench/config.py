@@ -1,0 +1,100 @@
+"""Run configuration: one pydantic model, filled from defaults, a YAML file and CLI options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from apm_bench.errors import ConfigError
+from apm_bench.mapping import MappingKind
+from apm_bench.sim.judge import SimJudgeConfig
+from apm_bench.sim.writer import SimWriterConfig
+
+Control = Literal["no-history", "shuffled-history"]
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] = Field(default_factory=lambda: ["routing"], min_length=1)
+    model: str = Field(default="sim-large", description="generator model alias")
+    candidate_model: str = Field(default="sim-large", description="model that writes the 2P candidates")
+    worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="world seeds (one C each)")
+    users: int = Field(default=400, ge=10, description="users in the population")
+    n_attr: int = Field(default=1, ge=1, description="active attributes per user")
+    pool: int = Field(default=10, ge=2, description="principles and attributes in the pool (a catalog prefix)")
+    mapping: MappingKind = "permutation"
+    n_perm: int = Field(default=1, ge=1, description="overlaid signed permutations in C")
+    max_targets: int | None = Field(default=None, ge=1, description="keep only the largest |r| entries as targets")
+    history_len: int = Field(default=4, ge=0, description="past messages per user")
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    label_strategy: list[str] = Field(default_factory=lambda: ["margin"], min_length=1)
+    control: Control | None = None
+    data_seed: int = Field(default=0, description="seed of the population (attributes, histories, prompts)")
+    temperature: float = Field(default=1.0, ge=0)
+    judge: SimJudgeConfig = Field(default_factory=SimJudgeConfig)
+    writer: SimWriterConfig = Field(default_factory=SimWriterConfig)
+    principles_dir: Path | None = None
+    personas_dir: Path | None = None
+    prompts_file: Path | None = None
+    conversations_file: Path | None = Field(default=None, description="users in the APM reference JSONL format")
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    bootstrap_resamples: int = Field(default=2000, ge=100)
+    bootstrap_seed: int = 0
+    out: Path = Path("results/runs")
+
+    @field_validator("label_strategy")
+    @classmethod
+    def _known_strategies(cls, value: list[str]) -> list[str]:
+        from apm_bench.methods.routing import LABEL_STRATEGIES
+
+        if value == ["all"]:
+            return list(LABEL_STRATEGIES)
+        unknown = [v for v in value if v not in LABEL_STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown label strategy {unknown[0]!r}; use one of {', '.join(LABEL_STRATEGIES)} or 'all'")
+        return value
+
+    @field_validator("worlds")
+    @classmethod
+    def _distinct_worlds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("world seeds must be distinct")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "RunConfig":
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError("validation and test fractions leave too few training users")
+        return self
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults ← YAML file ← CLI options (only those the user actually set)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed YAML in {path}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping of run options")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid run option {_first_error(exc)}") from None

@@ -1,0 +1,25 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero; anything else is a bug."""
+
+
+class ApmError(Exception):
+    """Base class for errors caused by input (options, files, catalogs), never by the code itself."""
+
+
+class CatalogError(ApmError):
+    """A catalog folder or file is missing or does not validate."""
+
+
+class ConfigError(ApmError):
+    """A run option or config file is invalid."""
+
+
+class PromptFileError(ApmError):
+    """A prompt file or conversation file is missing or malformed."""
+
+
+class UnknownNameError(ApmError):
+    """A name (method, model, backend) is not registered."""
+
+
+class InformationBarrierError(ApmError):
+    """A method asked for something it must never see (feedback or targets for a test user)."""

@@ -1,0 +1,161 @@
+"""Histories: each user's past messages and the evaluation prompt of their held-out conversation.
+
+A *population* is the users with their attributes and conversations. It does not depend on the
+hidden mapping C, so one population serves every world seed (as in the paper, where the rewritten
+conversations are generated once and C is redrawn per world).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from apm_bench.catalog import Catalog, PersonaSeed
+from apm_bench.errors import ConfigError, PromptFileError
+from apm_bench.prompts import NeutralPrompt
+from apm_bench.users import AttributeSetting, draw_attribute_settings
+
+
+class PopulationUser(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    attributes: list[AttributeSetting]
+    persona: PersonaSeed | None = None
+    history: list[str]
+    prompt: str
+    prompt_id: str
+
+
+class Population(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    users: list[PopulationUser]
+
+
+class HistoryWriter(Protocol):
+    """Rewrites neutral requests so that they show a user's attributes, keeping the request itself."""
+
+    def rewrite(
+        self,
+        texts: list[str],
+        attributes: list[AttributeSetting],
+        persona: PersonaSeed | None,
+        rng: np.random.Generator,
+    ) -> list[str]: ...
+
+
+def build_population(
+    catalog: Catalog,
+    prompts: list[NeutralPrompt],
+    writer: HistoryWriter,
+    n_users: int,
+    n_attr: int,
+    history_len: int,
+    seed: int,
+) -> Population:
+    """Each user gets history_len + 1 distinct neutral prompts; the last becomes the evaluation prompt."""
+    conversations = history_len + 1
+    if conversations > len(prompts):
+        raise ConfigError(f"history_len {history_len} needs {conversations} prompts, the prompt set has {len(prompts)}")
+    rng = np.random.default_rng([seed, 0xA77])
+    users = []
+    for index in range(n_users):
+        settings = draw_attribute_settings(catalog.attribute_ids, n_attr, rng)
+        persona = catalog.seeds[int(rng.integers(len(catalog.seeds)))] if catalog.seeds else None
+        chosen = [prompts[i] for i in rng.choice(len(prompts), size=conversations, replace=False)]
+        messages = writer.rewrite([p.text for p in chosen], settings, persona, rng)
+        users.append(
+            PopulationUser(
+                id=f"u{index:05d}",
+                attributes=settings,
+                persona=persona,
+                history=messages[:-1],
+                prompt=messages[-1],
+                prompt_id=chosen[-1].id,
+            )
+        )
+    return Population(source=f"simulated(seed={seed})", users=users)
+
+
+# --------------------------------------------------------------------------- reference format
+
+
+class _ReferenceMessage(BaseModel):
+    role: str
+    content: str
+
+
+class _ReferenceConversation(BaseModel):
+    messages: list[_ReferenceMessage]
+
+
+class _ReferenceUser(BaseModel):
+    user_idx: int
+    rewrite_style_attributes: list[AttributeSetting]
+    conversations: list[_ReferenceConversation]
+
+
+def attribute_id_from_name(name: str) -> str:
+    """'highly constrained' / 'tech-savvy' in the reference data are 'highly_constrained' / 'tech_savvy' here."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _first_user_message(conversation: _ReferenceConversation) -> str:
+    for message in conversation.messages:
+        if message.role == "user":
+            return message.content
+    raise ValueError("a conversation has no user message")
+
+
+def import_reference_conversations(path: Path, catalog: Catalog, history_len: int | None = None) -> Population:
+    """Read the APM authors' conversation format (one user per JSONL line).
+
+    History = first user message of every conversation but the last (capped at history_len);
+    evaluation prompt = first user message of the last conversation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"conversation file not found: {path}")
+    known = set(catalog.attribute_ids)
+    users = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = _ReferenceUser.model_validate(json.loads(line))
+            history = [_first_user_message(c) for c in record.conversations[:-1]]
+            prompt = _first_user_message(record.conversations[-1])
+        except (json.JSONDecodeError, ValidationError, ValueError, IndexError) as exc:
+            raise PromptFileError(f"{path}: line {number} is not a reference-format user ({_short(exc)})") from None
+        settings = [
+            AttributeSetting(attribute=attribute_id_from_name(s.attribute), side=s.side)
+            for s in record.rewrite_style_attributes
+        ]
+        unknown = [s.attribute for s in settings if s.attribute not in known]
+        if unknown:
+            raise PromptFileError(f"{path}: line {number} uses attributes not in the catalog: {unknown}")
+        users.append(
+            PopulationUser(
+                id=f"ref{record.user_idx:05d}",
+                attributes=settings,
+                history=history[:history_len] if history_len is not None else history,
+                prompt=prompt,
+                prompt_id=f"ref{record.user_idx:05d}-last",
+            )
+        )
+    if not users:
+        raise PromptFileError(f"{path} holds no users")
+    return Population(source=f"reference({path.name})", users=users)
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+    return str(exc).splitlines()[0]

@@ -1,0 +1,14 @@
+"""Built-in methods register themselves on import; third-party ones come through entry points."""
+
+from apm_bench.methods import routing, simple  # noqa: F401  (registration side effects)
+from apm_bench.methods.base import (
+    METHODS,
+    FitContext,
+    FitUser,
+    Personalization,
+    Personalizer,
+    UserView,
+    register_method,
+)
+
+__all__ = ["METHODS", "FitContext", "FitUser", "Personalization", "Personalizer", "UserView", "register_method"]

@@ -1,0 +1,109 @@
+"""The plug-in point: a personalization method is a `Personalizer` subclass.
+
+At fit time a method sees training-side users (id, history, and the prompt their candidates were
+written for), the feedback oracle, the generator and φ. At test time it sees a test user's id and
+history plus the prompt to answer, and returns what to send to the generator: messages, and
+optionally an adapter and soft-prompt embeddings. Nothing it is handed holds targets or C.
+
+Register a method with `@register_method("name")`, or from another package through the entry
+point group `apm_bench.methods`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from apm_bench.backends.base import AdapterRef, Backend, Message, SoftPrompt
+from apm_bench.catalog import Principle
+from apm_bench.embed import HistoryEmbedder
+from apm_bench.errors import ConfigError
+from apm_bench.feedback import FeedbackOracle
+from apm_bench.registry import Registry
+from apm_bench.users import Target
+
+
+@dataclass(frozen=True)
+class UserView:
+    """What a method may know about a user: an opaque id and their past messages."""
+
+    id: str
+    history: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FitUser(UserView):
+    """A training-side user, with the prompt their feedback candidates answer."""
+
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Personalization:
+    messages: tuple[Message, ...]
+    adapter: AdapterRef | None = None
+    soft_prompt: SoftPrompt | None = None
+
+
+@dataclass
+class FitContext:
+    train_users: list[FitUser]
+    validation_users: list[FitUser]
+    feedback: FeedbackOracle
+    generator: Backend
+    embedder: HistoryEmbedder
+    principles: list[Principle]
+    seed: int
+
+
+class MethodOptions(BaseModel):
+    """Options a method accepts; subclasses add fields. Unknown options are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Personalizer(ABC):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: Evaluation-only upper bounds (the oracle) are handed test targets; nothing else ever is.
+    evaluation_only: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            self.options = self.Options(**options)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            raise ConfigError(f"method {self.name!r}: option {where}: {error['msg']}") from None
+
+    def fit(self, context: FitContext) -> None:
+        """Learn from training users; methods without a learning step keep this no-op."""
+
+    @abstractmethod
+    def personalize(self, user: UserView, prompt: str) -> Personalization:
+        """What to send to the generator for this test user's prompt."""
+
+    def personalize_many(self, users: Sequence[UserView], prompts: Sequence[str]) -> list[Personalization]:
+        return [self.personalize(u, p) for u, p in zip(users, prompts)]
+
+    def reveal_targets(self, targets: dict[str, list[Target]]) -> None:
+        raise TypeError(f"method {self.name!r} is not evaluation-only and must never see targets")
+
+
+METHODS: Registry[type[Personalizer]] = Registry("method", entry_point_group="apm_bench.methods")
+
+
+def register_method(name: str):  # type: ignore[no-untyped-def]
+    """Class decorator: `@register_method("mine") class Mine(Personalizer): ...`."""
+
+    def decorator(cls: type[Personalizer]) -> type[Personalizer]:
+        cls.name = name
+        METHODS.add(name, cls)
+        return cls
+
+    return decorator

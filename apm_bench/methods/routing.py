@@ -1,0 +1,155 @@
+"""Routing: predict the best (principle, side) from the history, then instruct the generator.
+
+Each training user gets a label from their candidates' scores (the label strategy), a classifier
+learns history embedding → label, and at test time the predicted label becomes the FOLLOW/AVOID
+instruction. The classifier's regularisation is chosen on validation users by the reward their
+predicted labels would earn, i.e. by what the benchmark measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+from sklearn.base import ClassifierMixin
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from apm_bench.backends.base import chat
+from apm_bench.catalog import Principle
+from apm_bench.judge import SCORE_MIDPOINT
+from apm_bench.methods.base import (
+    FitContext,
+    FitUser,
+    MethodOptions,
+    Personalization,
+    Personalizer,
+    UserView,
+    register_method,
+)
+from apm_bench.embed import HistoryEmbedder
+from apm_bench.prompting import style_instruction
+
+LabelStrategy = Literal["abs", "abs_two_sided", "margin", "regression"]
+LABEL_STRATEGIES: tuple[str, ...] = ("abs", "abs_two_sided", "margin", "regression")
+
+
+def label_distribution(scores: np.ndarray, strategy: str, temperature: float = 1.0) -> np.ndarray | None:
+    """A distribution over the 2P labels (one-hot for hard strategies); None if nothing is scored.
+
+    `scores` lists the follow candidates of every principle, then the avoid candidates.
+    """
+    if np.all(np.isnan(scores)):
+        return None
+    n = scores.size // 2
+    follow, avoid = scores[:n], scores[n:]
+    target = np.zeros(scores.size)
+    if strategy == "abs":
+        centred = np.where(np.isnan(follow), 0.0, follow - SCORE_MIDPOINT)
+        i = int(np.argmax(np.abs(centred)))
+        target[i if centred[i] >= 0 else n + i] = 1.0
+    elif strategy == "abs_two_sided":
+        target[int(np.nanargmax(scores))] = 1.0
+    elif strategy == "margin":
+        margin = np.where(np.isnan(follow) | np.isnan(avoid), 0.0, follow - avoid)
+        i = int(np.argmax(np.abs(margin)))
+        target[i if margin[i] > 0 else n + i] = 1.0
+    elif strategy == "regression":
+        logits = np.where(np.isnan(scores), -np.inf, scores / temperature)
+        weights = np.exp(logits - np.max(logits))
+        target = weights / weights.sum()
+    else:
+        raise ValueError(f"unknown label strategy {strategy!r}")
+    return target
+
+
+class RoutingOptions(MethodOptions):
+    label_strategy: LabelStrategy = "margin"
+    temperature: float = Field(default=1.0, gt=0, description="softmax temperature of the regression strategy")
+    regularisation: tuple[float, ...] = Field(default=(0.01, 0.03, 0.1), min_length=1, description="inverse L2 strengths tried")
+
+
+@register_method("routing")
+class Routing(Personalizer):
+    description = "Classify the history into a (principle, side) label and instruct the generator (APM's best method)."
+    Options = RoutingOptions
+    options: RoutingOptions
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._classifier: ClassifierMixin | None = None
+        self._principles: list[Principle] = []
+        self._embedder: HistoryEmbedder | None = None
+        self.selected_regularisation: float | None = None
+
+    def fit(self, context: FitContext) -> None:
+        self._principles = list(context.principles)
+        self._embedder = context.embedder
+        users, targets = self._labelled(context.train_users, context)
+        features = context.embedder.embed_histories([u.history for u in users])
+        validation = list(context.validation_users)
+        validation_scores = np.stack([context.feedback.scores(u.id) for u in validation]) if validation else None
+        validation_features = context.embedder.embed_histories([u.history for u in validation]) if validation else None
+        best: tuple[float, float, ClassifierMixin] | None = None
+        for strength in self.options.regularisation:
+            classifier = self._train(features, targets, strength, context.seed)
+            if validation_scores is None or validation_features is None:
+                best = (0.0, strength, classifier)
+                break
+            predicted = self._predict(classifier, validation_features)
+            value = float(np.nanmean(validation_scores[np.arange(len(validation)), predicted]))
+            if best is None or value > best[0]:
+                best = (value, strength, classifier)
+        assert best is not None
+        _, self.selected_regularisation, self._classifier = best
+
+    def _labelled(self, users: Sequence[FitUser], context: FitContext) -> tuple[list[FitUser], np.ndarray]:
+        kept, rows = [], []
+        for user in users:
+            target = label_distribution(context.feedback.scores(user.id), self.options.label_strategy, self.options.temperature)
+            if target is not None:
+                kept.append(user)
+                rows.append(target)
+        if not kept:
+            raise RuntimeError("routing: no training user has a scorable candidate")
+        return kept, np.stack(rows)
+
+    @staticmethod
+    def _train(features: np.ndarray, targets: np.ndarray, strength: float, seed: int) -> ClassifierMixin:
+        """Soft labels become weighted copies of each example, one per label with mass (exact soft-label CE)."""
+        rows, labels = np.nonzero(targets > 1e-6)
+        if np.unique(labels).size == 1:  # one label only: logistic regression cannot fit, a constant can
+            classifier: ClassifierMixin = DummyClassifier(strategy="most_frequent")
+        else:
+            classifier = make_pipeline(StandardScaler(), LogisticRegression(C=strength, max_iter=2000, random_state=seed))
+        weights = targets[rows, labels]
+        if isinstance(classifier, Pipeline):
+            classifier.fit(features[rows], labels, logisticregression__sample_weight=weights)
+        else:
+            classifier.fit(features[rows], labels, sample_weight=weights)
+        return classifier
+
+    @staticmethod
+    def _predict(classifier: ClassifierMixin, features: np.ndarray) -> np.ndarray:
+        return classifier.classes_[np.argmax(classifier.predict_proba(features), axis=1)].astype(int)
+
+    def predict_labels(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        if self._classifier is None or self._embedder is None:
+            raise RuntimeError("routing must be fitted before it personalizes")
+        return self._predict(self._classifier, self._embedder.embed_histories(histories))
+
+    def _instruction(self, label: int) -> str:
+        n = len(self._principles)
+        principle = self._principles[label % n]
+        return style_instruction(principle, "follow" if label < n else "avoid")
+
+    def personalize(self, user: UserView, prompt: str) -> Personalization:
+        return self.personalize_many([user], [prompt])[0]
+
+    def personalize_many(self, users: Sequence[UserView], prompts: Sequence[str]) -> list[Personalization]:
+        labels = self.predict_labels([u.history for u in users])
+        return [Personalization(chat(p, system=self._instruction(int(l)))) for p, l in zip(prompts, labels)]

@@ -1,0 +1,42 @@
+"""The texts methods put into the context: style instructions, history blocks, example blocks.
+
+One place for them, because a real LLM and the simulator's reader must see the same conventions
+(the reader recognises `FOLLOW <name>` / `AVOID <name>` and the example tags defined here).
+"""
+
+from __future__ import annotations
+
+from apm_bench.catalog import Principle, Side
+
+SIDE_WORDS: dict[Side, str] = {"follow": "FOLLOW", "avoid": "AVOID"}
+BEST_TAG = "best_response"
+WORST_TAG = "worst_response"
+
+
+def style_instruction(principle: Principle, side: Side) -> str:
+    """The system prompt that asks for one side of one principle (candidates, routing, oracle)."""
+    return (
+        "Respond to the user's message while strictly adhering to this response principle:\n"
+        f"{SIDE_WORDS[side]} {principle.name}\n\n"
+        f"{principle.instruction(side)}"
+    )
+
+
+def history_block(history: list[str]) -> str:
+    """A user's past messages, one tagged block each (the reference implementation's layout)."""
+    return "\n\n".join(f"<prompt>{message}</prompt>" for message in history)
+
+
+def history_context(history: list[str]) -> str:
+    return (
+        "Below are earlier messages this user sent you. Answer their new message in the way this user "
+        "would most likely prefer.\n\n" + history_block(history)
+    )
+
+
+def example_block(prompt: str, best: str, worst: str | None) -> str:
+    """One retrieved example: a similar user's prompt with the responses they rated best and worst."""
+    parts = [f"<example>\n<prompt>{prompt}</prompt>", f"<{BEST_TAG}>{best}</{BEST_TAG}>"]
+    if worst is not None:
+        parts.append(f"<{WORST_TAG}>{worst}</{WORST_TAG}>")
+    return "\n".join(parts) + "\n</example>"

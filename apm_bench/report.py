@@ -1,0 +1,76 @@
+"""The human-readable side of a run: a Markdown report and a plot of Δ with its CI per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apm_bench.metrics import MethodMetrics
+from apm_bench.runner import BASELINE, RunResult
+
+SIM_NOTE = (
+    "> These numbers come from the embedded style simulator: they show whether a method infers and "
+    "acts on hidden preferences in a controlled world. Claims about real LLMs need a real backend."
+)
+
+
+
+def metrics_table(metrics: list[MethodMetrics]) -> str:
+    lines = [
+        "| method | world | n | Δ score | 95 % CI | win | tie | loss | gain | failed ratings |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in metrics:
+        if m.method == BASELINE:
+            continue
+        gain = "–" if m.gain is None else f"{m.gain:.2f}"
+        lines.append(
+            f"| {m.method} | {m.world} | {m.n_users} | {m.delta:+.3f} | [{m.ci_low:+.3f}, {m.ci_high:+.3f}] | "
+            f"{m.win:.2f} | {m.tie:.2f} | {m.loss:.2f} | {gain} | {m.failed_ratings} |"
+        )
+    return "\n".join(lines)
+
+
+def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
+    config = result.config
+    pooled = [m for m in result.metrics if m.world == "pooled"]
+    per_world = [m for m in result.metrics if m.world != "pooled"]
+    baseline = next((m for m in pooled if m.method == BASELINE), None)
+    costs = "\n".join(
+        f"| {stage} | " + ", ".join(f"{k}={v:g}" for k, v in values.items()) + " |"
+        for stage, values in sorted(result.costs.items())
+    )
+    sections = [
+        f"# apm-bench run `{run_id}`",
+        SIM_NOTE if config.model.startswith("sim") else "",
+        f"Model **{config.model}** · worlds {config.worlds} · {config.users} users · n_attr {config.n_attr} · "
+        f"pool {config.pool} · mapping {config.mapping} (n_perm {config.n_perm}) · history {config.history_len} "
+        f"· control {config.control or 'none'} · population {result.population_source} · {wall_seconds:.1f} s",
+        f"Baseline mean reward (pooled): {baseline.mean_reward:.3f}" if baseline else "",
+        "## Pooled over worlds\n\nΔ = mean over test users of R(method) − R(baseline); CI: seeded "
+        "bootstrap over users, stratified by world; gain = Δ / Δ(oracle).\n\n" + metrics_table(pooled),
+        "![Δ score per method](delta.png)",
+        "## Per world\n\n" + metrics_table(per_world),
+        "## Cost\n\n| stage | counts |\n|---|---|\n" + costs,
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def plot_deltas(metrics: list[MethodMetrics], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pooled = [m for m in metrics if m.world == "pooled" and m.method != BASELINE]
+    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * max(len(pooled), 1), 3.4), dpi=120)
+    positions = range(len(pooled))
+    deltas = [m.delta for m in pooled]
+    errors = [[m.delta - m.ci_low for m in pooled], [m.ci_high - m.delta for m in pooled]]
+    axis.bar(positions, deltas, color=["#4c72b0" if d >= 0 else "#c44e52" for d in deltas], width=0.6)
+    axis.errorbar(positions, deltas, yerr=errors, fmt="none", ecolor="black", capsize=4, linewidth=1)
+    axis.axhline(0, color="grey", linewidth=0.8)
+    axis.set_xticks(list(positions), [m.method for m in pooled], rotation=30, ha="right")
+    axis.set_ylabel("Δ score vs baseline (95 % CI)")
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)

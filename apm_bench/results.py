@@ -1,0 +1,109 @@
+"""Run records on disk: `results/runs/<run-id>/` with config.json, samples.parquet, metrics.json,
+report.md and delta.png.
+
+A run directory is written under a temporary name and renamed into place when complete, so a
+crash or a bad option never leaves a half-written run and never touches earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from pydantic import BaseModel
+
+from apm_bench.metrics import MethodMetrics
+from apm_bench.report import plot_deltas, render_report
+from apm_bench.runner import RunResult
+
+SCHEMA_VERSION = 1
+TRACKED_PACKAGES = ("apm-bench", "numpy", "pandas", "scikit-learn", "torch", "sentence-transformers", "pydantic")
+
+
+class RunRecord(BaseModel):
+    """metrics.json: what a leaderboard needs, without reading the samples."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    created: str
+    model: str
+    methods: list[str]
+    worlds: list[int]
+    population: str
+    wall_seconds: float
+    metrics: list[MethodMetrics]
+    costs: dict[str, dict[str, float]]
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_revision() -> str:
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return completed.stdout.strip() if completed.returncode == 0 else "unknown"
+
+
+def new_run_id(result: RunResult, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    methods = "+".join(m for m in result.config.methods)
+    return f"{now:%Y%m%d-%H%M%S}-{methods}-{result.config.model}"
+
+
+def write_run(result: RunResult, wall_seconds: float) -> Path:
+    """Write everything to a temporary folder, then rename it to its final, unused name."""
+    root = Path(result.config.out)
+    root.mkdir(parents=True, exist_ok=True)
+    created = datetime.now(timezone.utc)
+    run_id = new_run_id(result, created)
+    final = root / run_id
+    suffix = 1
+    while final.exists():
+        suffix += 1
+        final = root / f"{run_id}-{suffix}"
+    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    staging.mkdir()
+    try:
+        config = result.config.model_dump(mode="json")
+        config["versions"] = package_versions()
+        config["git_revision"] = git_revision()
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        result.samples.to_parquet(staging / "samples.parquet", index=False)
+        record = RunRecord(
+            run_id=final.name,
+            created=created.isoformat(timespec="seconds"),
+            model=result.config.model,
+            methods=list(dict.fromkeys(result.samples["method"])),
+            worlds=list(result.config.worlds),
+            population=result.population_source,
+            wall_seconds=round(wall_seconds, 2),
+            metrics=result.metrics,
+            costs=result.costs,
+        )
+        (staging / "metrics.json").write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        plot_deltas(result.metrics, staging / "delta.png")
+        (staging / "report.md").write_text(render_report(result, record.run_id, record.wall_seconds), encoding="utf-8")
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,263 @@
+"""The run: world → methods → generation → judging → metrics, for every world seed.
+
+Everything a run needs is built here from the config and passed down explicitly; there are no
+module-level engines. The population, candidate bank and embedder are shared across worlds, since
+none of them depends on the hidden mapping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from apm_bench.backends import load_backend
+from apm_bench.backends.base import Backend, GenerationRequest, SamplingParams
+from apm_bench.candidates import CandidateBank
+from apm_bench.catalog import Catalog, load_catalog
+from apm_bench.config import RunConfig
+from apm_bench.embed import HistoryEmbedder
+from apm_bench.errors import ConfigError
+from apm_bench.feedback import FeedbackOracle
+from apm_bench.histories import Population, build_population, import_reference_conversations
+from apm_bench.judge import Judge, RatingRequest
+from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserView
+from apm_bench.metrics import MethodMetrics, compute_metrics
+from apm_bench.prompts import load_prompts
+from apm_bench.reward import weighted_reward
+from apm_bench.sim.judge import SimJudge
+from apm_bench.sim.style import stable_seed
+from apm_bench.sim.writer import SimHistoryWriter
+from apm_bench.world import World, build_world
+
+BASELINE = "baseline"
+ORACLE = "oracle"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """One row of the results: a registered method with fixed options, under a display name."""
+
+    label: str
+    method: str
+    options: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    samples: pd.DataFrame
+    metrics: list[MethodMetrics]
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)
+    population_source: str = ""
+
+
+def plan_methods(config: RunConfig) -> list[MethodVariant]:
+    """Baseline first (everything is compared with it), the oracle (for gain), then the asked methods."""
+    names = [BASELINE, ORACLE] + [m for m in config.methods if m not in (BASELINE, ORACLE)]
+    variants: list[MethodVariant] = []
+    for name in names:
+        cls = METHODS.get(name)
+        options = dict(config.method_options.get(name, {}))
+        strategies = config.label_strategy if "label_strategy" in cls.Options.model_fields else []
+        if strategies and "label_strategy" not in options and len(strategies) > 1:
+            variants += [MethodVariant(f"{name}[{s}]", name, {**options, "label_strategy": s}) for s in strategies]
+        else:
+            if strategies and "label_strategy" not in options:
+                options["label_strategy"] = strategies[0]
+            variants.append(MethodVariant(name, name, options))
+    for variant in variants:  # fail on a bad option now, before any work or output
+        METHODS.get(variant.method)(**variant.options)
+    return variants
+
+
+def prepare(config: RunConfig) -> tuple[Catalog, Population]:
+    """Load and validate every input; raises ApmError before anything is computed or written."""
+    catalog = load_catalog(config.principles_dir, config.personas_dir)
+    if config.pool > min(len(catalog.principles), len(catalog.attributes)):
+        raise ConfigError(f"pool {config.pool} is larger than the catalog ({len(catalog.principles)} principles)")
+    catalog = catalog.with_pool(config.pool)
+    if config.n_attr > config.pool:
+        raise ConfigError(f"n_attr {config.n_attr} exceeds the pool size {config.pool}")
+    if config.conversations_file is not None:
+        population = import_reference_conversations(config.conversations_file, catalog, config.history_len)
+    else:
+        prompts = load_prompts(config.prompts_file)
+        writer = SimHistoryWriter(catalog, config.writer)
+        population = build_population(
+            catalog, prompts, writer, config.users, config.n_attr, config.history_len, config.data_seed
+        )
+    return catalog, population
+
+
+def apply_control(world: World, config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The histories methods are shown: real, empty (no-history) or permuted across users."""
+    ids = sorted(world.users)
+    histories = {uid: tuple(world.users[uid].history) for uid in ids}
+    if config.control == "no-history":
+        return {uid: () for uid in ids}
+    if config.control == "shuffled-history":
+        order = np.random.default_rng([world.seed, 0x5F]).permutation(len(ids))
+        return {uid: histories[ids[j]] for uid, j in zip(ids, order)}
+    return histories
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.costs: dict[str, dict[str, float]] = {}
+
+    def add(self, stage: str, seconds: float, **counts: float) -> None:
+        entry = self.costs.setdefault(stage, {"seconds": 0.0})
+        entry["seconds"] += seconds
+        for key, value in counts.items():
+            entry[key] = entry.get(key, 0.0) + value
+
+
+def run_benchmark(config: RunConfig, progress: Progress | None = None) -> RunResult:
+    say = progress or (lambda _message: None)
+    variants = plan_methods(config)
+    catalog, population = prepare(config)
+    generator = load_backend(config.model, catalog)
+    candidate_writer = generator if config.candidate_model == config.model else load_backend(config.candidate_model, catalog)
+    judge = SimJudge(catalog.principles, config.judge)
+    embedder = HistoryEmbedder()
+    bank = CandidateBank(candidate_writer, judge, catalog, seed=config.data_seed)
+    watch = _Stopwatch()
+    frames = []
+    for world_seed in config.worlds:
+        world = build_world(
+            population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
+            config.validation_fraction, config.test_fraction,
+        )
+        frames.append(_run_world(world, config, variants, catalog, generator, judge, embedder, bank, watch, say))
+    samples = pd.concat(frames, ignore_index=True)
+    say("metrics")
+    metrics = compute_metrics(samples, config.bootstrap_seed, config.bootstrap_resamples, oracle_method=ORACLE)
+    watch.costs["candidates"] = {
+        **watch.costs.get("candidates", {}),
+        "generation_calls": float(bank.generation_calls),
+        "rating_calls": float(bank.rating_calls),
+    }
+    watch.costs["embedding"] = {"texts_encoded": float(embedder.encoded_texts)}
+    return RunResult(config, samples, metrics, watch.costs, population.source)
+
+
+def _run_world(
+    world: World,
+    config: RunConfig,
+    variants: list[MethodVariant],
+    catalog: Catalog,
+    generator: Backend,
+    judge: Judge,
+    embedder: HistoryEmbedder,
+    bank: CandidateBank,
+    watch: _Stopwatch,
+    say: Progress,
+) -> pd.DataFrame:
+    histories = apply_control(world, config)
+    fit_ids = world.split.train + world.split.validation
+
+    say(f"world {world.seed}: candidates for {len(fit_ids)} training users")
+    started = time.perf_counter()
+    bank.ensure({uid: world.users[uid].prompt for uid in fit_ids})
+    feedback = FeedbackOracle(bank, {uid: world.targets[uid] for uid in fit_ids})
+    watch.add("candidates", time.perf_counter() - started)
+
+    def fit_user(uid: str) -> FitUser:
+        return FitUser(id=uid, history=histories[uid], prompt=world.users[uid].prompt)
+
+    context = FitContext(
+        train_users=[fit_user(u) for u in world.split.train],
+        validation_users=[fit_user(u) for u in world.split.validation],
+        feedback=feedback,
+        generator=generator,
+        embedder=embedder,
+        principles=list(catalog.principles),
+        seed=world.seed,
+    )
+    test_users = [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
+    rows: list[dict[str, Any]] = []
+    for variant in variants:
+        say(f"world {world.seed}: {variant.label}")
+        rows += _evaluate(variant, world, context, test_users, config, generator, judge, watch)
+    frame = pd.DataFrame(rows)
+    baseline = frame[frame["method"] == BASELINE].set_index("user_id")["reward"]
+    frame["baseline_reward"] = frame["user_id"].map(baseline)
+    return frame
+
+
+def _evaluate(
+    variant: MethodVariant,
+    world: World,
+    context: FitContext,
+    test_users: list[UserView],
+    config: RunConfig,
+    generator: Backend,
+    judge: Judge,
+    watch: _Stopwatch,
+) -> list[dict[str, Any]]:
+    method: Personalizer = METHODS.get(variant.method)(**variant.options)
+    if method.evaluation_only:
+        method.reveal_targets({u.id: world.targets[u.id] for u in test_users})
+    calls_before = context.feedback.calls
+    started = time.perf_counter()
+    method.fit(context)
+    prompts = [world.users[u.id].prompt for u in test_users]
+    personalizations = method.personalize_many(test_users, prompts)
+    watch.add(f"fit:{variant.label}", time.perf_counter() - started, feedback_calls=context.feedback.calls - calls_before)
+
+    started = time.perf_counter()
+    requests = [
+        GenerationRequest(
+            messages=p.messages,
+            seed=stable_seed("evaluation", world.seed, u.id),
+            params=SamplingParams(temperature=config.temperature),
+            adapter=p.adapter,
+            soft_prompt=p.soft_prompt,
+        )
+        for u, p in zip(test_users, personalizations)
+    ]
+    generations = generator.generate(requests)
+    watch.add(
+        f"generate:{variant.label}",
+        time.perf_counter() - started,
+        calls=len(requests),
+        prompt_tokens=sum(g.prompt_tokens for g in generations),
+        completion_tokens=sum(g.completion_tokens for g in generations),
+    )
+
+    started = time.perf_counter()
+    rating_requests = [
+        RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=world.seed)
+        for u, prompt, g in zip(test_users, prompts, generations)
+        for t in world.targets[u.id]
+    ]
+    ratings = iter(judge.rate(rating_requests))
+    watch.add(f"judge:{variant.label}", time.perf_counter() - started, calls=len(rating_requests))
+
+    rows = []
+    for user, prompt, personalization, generation in zip(test_users, prompts, personalizations, generations):
+        targets = world.targets[user.id]
+        user_ratings = [next(ratings) for _ in targets]
+        reward = weighted_reward(targets, user_ratings)
+        system = next((m.content for m in personalization.messages if m.role == "system"), "")
+        rows.append(
+            {
+                "world": world.seed,
+                "user_id": user.id,
+                "method": variant.label,
+                "prompt": prompt,
+                "system_prompt": system,
+                "response": generation.text,
+                "targets": [t.model_dump() for t in targets],
+                "ratings": [r.score for r in user_ratings],
+                "failed_ratings": reward.failed_ratings,
+                "reward": reward.value,
+            }
+        )
+    return rows

@@ -1,0 +1,114 @@
+"""How the simulated model reads its context.
+
+A real LLM picks up four kinds of cues, and so does the simulator:
+- explicit style instructions (`FOLLOW Casual` / `AVOID Casual`, see `apm_bench.prompting`);
+- free-text talk about a preference ("prefers relaxed, informal answers"), through the catalog's
+  keywords, with simple negation;
+- example responses marked as preferred / dispreferred, whose measured style it imitates;
+- the user's own writing, whose attribute phrases trigger stereotyped style shifts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from apm_bench.backends.base import Message
+from apm_bench.catalog import Attribute, Principle
+from apm_bench.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG
+from apm_bench.sim.style import MAX_LEVEL, StyleCodec
+
+_NEGATIONS = frozenset("not no avoid avoids avoiding without never dislike dislikes less hates hate non".split())
+_TAGGED = re.compile(r"<(prompt|best_response|worst_response)>.*?</\1>", re.DOTALL)
+
+
+class ContextReader:
+    """Turns a conversation into the feature rows the simulator's policy consumes."""
+
+    def __init__(self, principles: list[Principle], attributes: list[Attribute], codec: StyleCodec) -> None:
+        self.n_principles = len(principles)
+        self.n_attributes = len(attributes)
+        self.codec = codec
+        names = {p.name: i for i, p in enumerate(principles)}
+        self._names = names
+        self._instruction = re.compile(
+            r"\b(" + "|".join(SIDE_WORDS.values()) + r") (" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")\b"
+        )
+        self._instruction_texts = [t for p in principles for t in (p.follow_instruction, p.avoid_instruction)]
+        keyword_sign: dict[str, tuple[int, int]] = {}
+        for index, principle in enumerate(principles):
+            keyword_sign.update({k.lower(): (index, 1) for k in principle.keywords})
+            keyword_sign.update({k.lower(): (index, -1) for k in principle.opposite_keywords})
+        self._keyword_sign = keyword_sign
+        self._keywords = re.compile(
+            r"\b(" + "|".join(re.escape(k) for k in sorted(keyword_sign, key=len, reverse=True)) + r")\b"
+        )
+        phrase_sign: dict[str, tuple[int, int]] = {}
+        for index, attribute in enumerate(attributes):
+            phrase_sign.update({ph: (index, 1) for ph in attribute.follow.phrases})
+            phrase_sign.update({ph: (index, -1) for ph in attribute.avoid.phrases})
+        self._phrase_sign = phrase_sign
+        self._phrases = re.compile("|".join(re.escape(p) for p in sorted(phrase_sign, key=len, reverse=True)))
+        self._best = re.compile(rf"<{BEST_TAG}>(.*?)</{BEST_TAG}>", re.DOTALL)
+        self._worst = re.compile(rf"<{WORST_TAG}>(.*?)</{WORST_TAG}>", re.DOTALL)
+
+    @property
+    def width(self) -> int:
+        """Features per request: instructions, keywords, imitation (P each), attributes (A), a constant 1."""
+        return 3 * self.n_principles + self.n_attributes + 1
+
+    def read(self, messages: Sequence[Message]) -> np.ndarray:
+        everything = "\n".join(m.content for m in messages)
+        system = "\n".join(m.content for m in messages if m.role == "system")
+        return np.concatenate(
+            [
+                self.instructions(everything),
+                self.keywords(system),
+                self.imitation(system),
+                self.attributes(everything),
+                [1.0],
+            ]
+        )
+
+    def read_many(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
+        return np.stack([self.read(c) for c in conversations]) if conversations else np.zeros((0, self.width))
+
+    def instructions(self, text: str) -> np.ndarray:
+        values = np.zeros(self.n_principles)
+        for side_word, name in self._instruction.findall(text):
+            values[self._names[name]] = 1.0 if side_word == SIDE_WORDS["follow"] else -1.0
+        return values
+
+    def keywords(self, system_text: str) -> np.ndarray:
+        """Preference talk outside instructions, histories and examples; 'not formal' counts as casual."""
+        text = _TAGGED.sub(" ", system_text)
+        for instruction in self._instruction_texts:
+            text = text.replace(instruction, " ")
+        text = self._instruction.sub(" ", text).lower()
+        values = np.zeros(self.n_principles)
+        for match in self._keywords.finditer(text):
+            index, sign = self._keyword_sign[match.group(1)]
+            preceding = re.findall(r"[a-z']+", text[max(0, match.start() - 30) : match.start()])[-3:]
+            if _NEGATIONS.intersection(preceding):
+                sign = -sign
+            values[index] += sign
+        return np.clip(values, -1.0, 1.0)
+
+    def imitation(self, system_text: str) -> np.ndarray:
+        """Measured style of preferred examples minus dispreferred ones, scaled to [−1, 1]."""
+        best = [self.codec.measure(t) for t in self._best.findall(system_text)]
+        worst = [self.codec.measure(t) for t in self._worst.findall(system_text)]
+        if not best and not worst:
+            return np.zeros(self.n_principles)
+        signal = (np.mean(best, axis=0) if best else 0.0) - (np.mean(worst, axis=0) if worst else 0.0)
+        return np.clip(np.asarray(signal, dtype=float) / (2 * MAX_LEVEL), -1.0, 1.0)
+
+    def attributes(self, text: str) -> np.ndarray:
+        """Which attribute sides the user's writing shows: the sign of the phrase evidence per attribute."""
+        values = np.zeros(self.n_attributes)
+        for match in self._phrases.finditer(text):
+            index, sign = self._phrase_sign[match.group(0)]
+            values[index] += sign
+        return np.sign(values)

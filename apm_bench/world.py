@@ -1,0 +1,54 @@
+"""A world: one population of users seen through one hidden mapping C, with its user split.
+
+Everything here is drawn from the world seed; the population (attributes and histories) comes
+from the data seed and is shared by all worlds of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from apm_bench.catalog import Catalog
+from apm_bench.histories import Population, PopulationUser
+from apm_bench.mapping import MappingKind, draw_world_matrix
+from apm_bench.users import Split, Target, attribute_vector, split_users, targets_from_response_vector
+
+
+@dataclass(frozen=True)
+class World:
+    seed: int
+    matrix: np.ndarray
+    users: dict[str, PopulationUser]
+    targets: dict[str, list[Target]]
+    split: Split
+    users_without_targets: int
+
+
+def build_world(
+    population: Population,
+    catalog: Catalog,
+    seed: int,
+    mapping: MappingKind = "permutation",
+    n_perm: int = 1,
+    max_targets: int | None = None,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> World:
+    rng = np.random.default_rng([seed, 0xC])
+    matrix = draw_world_matrix(len(catalog.principles), len(catalog.attributes), mapping, n_perm, rng)
+    targets: dict[str, list[Target]] = {}
+    for user in population.users:
+        response = matrix @ attribute_vector(user.attributes, catalog.attribute_ids)
+        targets[user.id] = targets_from_response_vector(response, catalog.principle_ids, max_targets)
+    scorable = [u.id for u in population.users if targets[u.id]]
+    split = split_users(scorable, validation_fraction, test_fraction, np.random.default_rng([seed, 0x5]))
+    return World(
+        seed=seed,
+        matrix=matrix,
+        users={u.id: u for u in population.users},
+        targets={uid: targets[uid] for uid in scorable},
+        split=split,
+        users_without_targets=len(population.users) - len(scorable),
+    )
