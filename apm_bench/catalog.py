@@ -184,13 +184,23 @@ def _read_yaml(path: Path) -> dict:
         raise CatalogError(f"catalog file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CatalogError(f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise CatalogError(f"malformed YAML in {path}{line}: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise CatalogError(f"malformed YAML in {path}{line}: {problem}") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{path} must hold a YAML mapping at the top level")
     return data
+
+
+def _list_under(path: Path, key: str) -> list:
+    value = _read_yaml(path).get(key)
+    if not isinstance(value, list):
+        raise CatalogError(f"{path} needs a list under '{key}'")
+    return value
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -210,10 +220,10 @@ def load_catalog(principles_dir: Path | None = None, personas_dir: Path | None =
     attributes_file = personas_dir / "attributes.yaml"
     seeds_file = personas_dir / "seeds.yaml"
     try:
-        principles = [Principle.model_validate(p) for p in _read_yaml(principles_file).get("principles", [])]
+        principles = [Principle.model_validate(p) for p in _list_under(principles_file, "principles")]
         antonyms = AntonymCatalog.model_validate(_read_yaml(antonyms_file)) if antonyms_file.exists() else None
-        attributes = [Attribute.model_validate(a) for a in _read_yaml(attributes_file).get("attributes", [])]
-        seeds = [PersonaSeed.model_validate(s) for s in _read_yaml(seeds_file).get("seeds", [])] if seeds_file.exists() else []
+        attributes = [Attribute.model_validate(a) for a in _list_under(attributes_file, "attributes")]
+        seeds = [PersonaSeed.model_validate(s) for s in _list_under(seeds_file, "seeds")] if seeds_file.exists() else []
         catalog = Catalog(principles=principles, attributes=attributes, seeds=seeds, antonyms=antonyms)
     except ValidationError as exc:
         raise CatalogError(f"invalid catalog in {principles_dir} / {personas_dir}: {_first_error(exc)}") from None

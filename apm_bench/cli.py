@@ -14,9 +14,13 @@ from rich.table import Table
 from apm_bench.errors import ApmError
 
 PROCESS_START = time.perf_counter()
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="apm-bench: implicit style personalization benchmark.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="apm-bench: implicit style personalization benchmark.",
+)
 console = Console()
-errors = Console(stderr=True)
 
 
 def _split(values: Optional[list[str]]) -> Optional[list[str]]:
@@ -54,6 +58,7 @@ def run(
     history_len: Optional[int] = typer.Option(None, "--history-len", help="past messages per user (default 4)"),
     label_strategy: Optional[list[str]] = typer.Option(None, "--label-strategy", help="routing labels: abs, abs_two_sided, margin, regression or all"),
     control: Optional[str] = typer.Option(None, help="no-history or shuffled-history"),
+    data_seed: Optional[int] = typer.Option(None, "--data-seed", help="seed of the user population and split (default 0)"),
     principles: Optional[Path] = typer.Option(None, "--principles", help="folder with principles.yaml (and antonyms.yaml)"),
     personas: Optional[Path] = typer.Option(None, "--personas", help="folder with attributes.yaml and seeds.yaml"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="neutral prompt file (JSONL or Parquet)"),
@@ -76,6 +81,7 @@ def run(
         "history_len": history_len,
         "label_strategy": _split(label_strategy),
         "control": control,
+        "data_seed": data_seed,
         "principles_dir": principles,
         "personas_dir": personas,
         "prompts_file": prompts,
@@ -140,23 +146,30 @@ def models() -> None:
     console.print(table)
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except ApmError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        errors.print("aborted", markup=False)
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
+def _fail(message: str, code: int) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(code)
 
-        if isinstance(exc, click.ClickException):
-            errors.print(f"error: {exc.format_message()}", markup=False, highlight=False)
-            sys.exit(exc.exit_code)
+
+def main() -> None:
+    """Entry point: bad input becomes one `error: …` line on stderr and a non-zero exit code."""
+    try:
+        result = app(standalone_mode=False)
+    except ApmError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        # typer bundles its own copy of click, so its usage errors are recognised by shape.
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `apm`: show the help, exit as click does
+            print(exc.format_message())  # type: ignore[attr-defined]
+            sys.exit(2)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            _fail(exc.format_message(), int(exc.exit_code))
+        if type(exc).__name__ == "Abort":
+            _fail("aborted", 1)
         raise
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

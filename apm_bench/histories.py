@@ -124,7 +124,11 @@ def import_reference_conversations(path: Path, catalog: Catalog, history_len: in
         raise PromptFileError(f"conversation file not found: {path}")
     known = set(catalog.attribute_ids)
     users = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PromptFileError(f"{path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -53,7 +53,11 @@ def load_prompts(path: Path | None = None) -> list[NeutralPrompt]:
 
 def _read_jsonl_rows(path: Path) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PromptFileError(f"{path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -118,21 +118,24 @@ class _Stopwatch:
             entry[key] = entry.get(key, 0.0) + value
 
 
-def run_benchmark(config: RunConfig, progress: Progress | None = None) -> RunResult:
+def run_benchmark(
+    config: RunConfig, progress: Progress | None = None, embedder: HistoryEmbedder | None = None
+) -> RunResult:
+    """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
     say = progress or (lambda _message: None)
     variants = plan_methods(config)
     catalog, population = prepare(config)
     generator = load_backend(config.model, catalog)
     candidate_writer = generator if config.candidate_model == config.model else load_backend(config.candidate_model, catalog)
     judge = SimJudge(catalog.principles, config.judge)
-    embedder = HistoryEmbedder()
+    embedder = embedder or HistoryEmbedder()
     bank = CandidateBank(candidate_writer, judge, catalog, seed=config.data_seed)
     watch = _Stopwatch()
     frames = []
     for world_seed in config.worlds:
         world = build_world(
             population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
-            config.validation_fraction, config.test_fraction,
+            config.validation_fraction, config.test_fraction, split_seed=config.data_seed,
         )
         frames.append(_run_world(world, config, variants, catalog, generator, judge, embedder, bank, watch, say))
     samples = pd.concat(frames, ignore_index=True)

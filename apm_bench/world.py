@@ -1,6 +1,6 @@
 """A world: one population of users seen through one hidden mapping C, with its user split.
 
-Everything here is drawn from the world seed; the population (attributes and histories) comes
+C is drawn from the world seed; the population (attributes and histories) comes
 from the data seed and is shared by all worlds of a run.
 """
 
@@ -35,7 +35,12 @@ def build_world(
     max_targets: int | None = None,
     validation_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    split_seed: int = 0,
 ) -> World:
+    """The split comes from `split_seed` (the data seed), not the world seed: with a fixed split,
+    training and test users are independent samples in every world. Redrawing the split per world
+    would make them anti-correlated (they partition one fixed population), so a method that
+    predicts the training majority would lose systematically instead of scoring zero."""
     rng = np.random.default_rng([seed, 0xC])
     matrix = draw_world_matrix(len(catalog.principles), len(catalog.attributes), mapping, n_perm, rng)
     targets: dict[str, list[Target]] = {}
@@ -43,7 +48,13 @@ def build_world(
         response = matrix @ attribute_vector(user.attributes, catalog.attribute_ids)
         targets[user.id] = targets_from_response_vector(response, catalog.principle_ids, max_targets)
     scorable = [u.id for u in population.users if targets[u.id]]
-    split = split_users(scorable, validation_fraction, test_fraction, np.random.default_rng([seed, 0x5]))
+    everyone = split_users([u.id for u in population.users], validation_fraction, test_fraction, np.random.default_rng([split_seed, 0x5]))
+    keep = set(scorable)
+    split = Split(
+        train=[u for u in everyone.train if u in keep],
+        validation=[u for u in everyone.validation if u in keep],
+        test=[u for u in everyone.test if u in keep],
+    )
     return World(
         seed=seed,
         matrix=matrix,

@@ -55,5 +55,9 @@ class SimHistoryWriter:
             phrase = phrases[int(rng.integers(len(phrases)))]
             (before if rng.random() < 0.5 else after).append(phrase)
         if persona is not None and rng.random() < self.config.persona_mention:
-            before.insert(0, f"I work as a {persona.occupation} and I'm into {persona.interests[0]}.")
+            before.insert(0, f"I work as {_article(persona.occupation)} {persona.occupation} and I'm into {persona.interests[0]}.")
         return " ".join([*before, text, *after])
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"

@@ -1,0 +1,43 @@
+"""`make bench`: wall times of whole `apm run` commands from process start (cold: a new process).
+
+Writes results/bench.json and prints a table. Target: the default run ≤ 60 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = {
+    "default (routing)": ["run", "--method", "routing"],
+    "all four methods": ["run", "--method", "baseline,oracle,history,routing"],
+    "routing, all label strategies": ["run", "--method", "routing", "--label-strategy", "all"],
+}
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = Path(tempfile.mkdtemp(prefix="apm-bench-"))
+    timings = {}
+    try:
+        for name, args in RUNS.items():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "apm_bench.cli", *args, "--out", str(out)], cwd=root, check=True,
+                           stdout=subprocess.DEVNULL)
+            timings[name] = round(time.perf_counter() - started, 1)
+            print(f"{name:32s} {timings[name]:6.1f} s", flush=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    record = {"machine": platform.platform(), "cpus": __import__("os").cpu_count(), "seconds": timings, "target_default_s": 60}
+    (root / "results" / "bench.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print("wrote results/bench.json")
+
+
+if __name__ == "__main__":
+    main()
