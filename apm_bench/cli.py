@@ -93,8 +93,16 @@ def run(
     from apm_bench.results import write_run
     from apm_bench.runner import run_benchmark
 
-    with console.status("preparing") as status:
-        result = run_benchmark(run_config, progress=lambda stage: status.update(stage))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("preparing", total=None)
+
+        def show(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        result = run_benchmark(run_config, progress=show)
     folder = write_run(result, time.perf_counter() - PROCESS_START)
     _print_summary(result.metrics)
     console.print(f"wrote [bold]{folder}[/bold] in {time.perf_counter() - PROCESS_START:.1f} s")

@@ -7,7 +7,6 @@ conversations are generated once and C is redrawn per world).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from apm_bench.catalog import Catalog, PersonaSeed
 from apm_bench.errors import ConfigError, PromptFileError
-from apm_bench.prompts import NeutralPrompt
+from apm_bench.prompts import NeutralPrompt, read_jsonl_objects
 from apm_bench.users import AttributeSetting, draw_attribute_settings
 
 
@@ -124,18 +123,12 @@ def import_reference_conversations(path: Path, catalog: Catalog, history_len: in
         raise PromptFileError(f"conversation file not found: {path}")
     known = set(catalog.attribute_ids)
     users = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise PromptFileError(f"{path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl_objects(path):
         try:
-            record = _ReferenceUser.model_validate(json.loads(line))
+            record = _ReferenceUser.model_validate(row)
             history = [_first_user_message(c) for c in record.conversations[:-1]]
             prompt = _first_user_message(record.conversations[-1])
-        except (json.JSONDecodeError, ValidationError, ValueError, IndexError) as exc:
+        except (ValidationError, ValueError, IndexError) as exc:
             raise PromptFileError(f"{path}: line {number} is not a reference-format user ({_short(exc)})") from None
         settings = [
             AttributeSetting(attribute=attribute_id_from_name(s.attribute), side=s.side)

@@ -51,12 +51,13 @@ def load_prompts(path: Path | None = None) -> list[NeutralPrompt]:
     return prompts
 
 
-def _read_jsonl_rows(path: Path) -> list[dict]:
-    rows = []
+def read_jsonl_objects(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; any unreadable line is a PromptFileError."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise PromptFileError(f"{path} is not UTF-8 text") from None
+    objects = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -65,9 +66,13 @@ def _read_jsonl_rows(path: Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise PromptFileError(f"{path}: line {number} must be a JSON object with a 'text' field")
-        rows.append(row)
-    return rows
+            raise PromptFileError(f"{path}: line {number} must be a JSON object")
+        objects.append((number, row))
+    return objects
+
+
+def _read_jsonl_rows(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl_objects(path)]
 
 
 def _read_parquet_rows(path: Path) -> list[dict]:

@@ -36,7 +36,7 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
     per_world = [m for m in result.metrics if m.world != "pooled"]
     baseline = next((m for m in pooled if m.method == BASELINE), None)
     costs = "\n".join(
-        f"| {stage} | " + ", ".join(f"{k}={v:g}" for k, v in values.items()) + " |"
+        f"| {stage} | " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()) + " |"
         for stage, values in sorted(result.costs.items())
     )
     sections = [

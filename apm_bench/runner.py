@@ -36,7 +36,8 @@ from apm_bench.world import World, build_world
 
 BASELINE = "baseline"
 ORACLE = "oracle"
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+"""Called as progress(stage, stages_done, stages_total) when a stage starts, and once at the end."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,18 @@ def apply_control(world: World, config: RunConfig) -> dict[str, tuple[str, ...]]
     return histories
 
 
+def _stage_counter(progress: Progress | None, total: int) -> Callable[[str], None]:
+    started = 0
+
+    def say(stage: str) -> None:
+        nonlocal started
+        if progress is not None:
+            progress(stage, min(started, total), total)
+        started += 1
+
+    return say
+
+
 class _Stopwatch:
     def __init__(self) -> None:
         self.costs: dict[str, dict[str, float]] = {}
@@ -122,8 +135,8 @@ def run_benchmark(
     config: RunConfig, progress: Progress | None = None, embedder: HistoryEmbedder | None = None
 ) -> RunResult:
     """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
-    say = progress or (lambda _message: None)
     variants = plan_methods(config)
+    say = _stage_counter(progress, total=len(config.worlds) * (1 + len(variants)) + 1)
     catalog, population = prepare(config)
     generator = load_backend(config.model, catalog)
     candidate_writer = generator if config.candidate_model == config.model else load_backend(config.candidate_model, catalog)
@@ -147,6 +160,7 @@ def run_benchmark(
         "rating_calls": float(bank.rating_calls),
     }
     watch.costs["embedding"] = {"texts_encoded": float(embedder.encoded_texts)}
+    say("done")
     return RunResult(config, samples, metrics, watch.costs, population.source)
 
 
@@ -160,7 +174,7 @@ def _run_world(
     embedder: HistoryEmbedder,
     bank: CandidateBank,
     watch: _Stopwatch,
-    say: Progress,
+    say: Callable[[str], None],
 ) -> pd.DataFrame:
     histories = apply_control(world, config)
     fit_ids = world.split.train + world.split.validation

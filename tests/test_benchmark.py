@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import gc
 import types
+from typing import Literal
 
 import numpy as np
 import pytest
 
 from apm_bench.backends.base import chat
+from apm_bench.catalog import load_catalog
 from apm_bench.config import RunConfig
 from apm_bench.embed import HistoryEmbedder
 from apm_bench.errors import InformationBarrierError
 from apm_bench.methods import FitContext, Personalization, Personalizer, UserView, register_method
+from apm_bench.methods.base import MethodOptions
 from apm_bench.prompting import style_instruction
 from apm_bench.runner import prepare, run_benchmark
 from apm_bench.users import Target
@@ -175,3 +178,58 @@ def test_shuffled_history_control_removes_routing_gain(embedder: HistoryEmbedder
     result = run_benchmark(RunConfig(methods=["routing"], control="shuffled-history"), embedder=embedder)
     routing = _pooled(result, "routing")
     assert routing.ci_low < 0 < routing.ci_high
+
+
+class PhraseReaderOptions(MethodOptions):
+    mapping: Literal["stereotype", "given"] = "stereotype"
+    matrix: list[list[float]] | None = None
+
+
+@register_method("test-phrase-reader")
+class PhraseReader(Personalizer):
+    """Reads attribute phrases in the history (perfect attribute detection), then maps them either
+    through the stereotype table (what an LLM would assume) or through a C handed to it by the test."""
+
+    description = "test helper"
+    Options = PhraseReaderOptions
+    options: PhraseReaderOptions
+
+    def fit(self, context: FitContext) -> None:
+        catalog = load_catalog().with_pool(len(context.principles))
+        self.principles = context.principles
+        self.phrases = [(i, 1.0 if side == "follow" else -1.0, phrase)
+                        for i, a in enumerate(catalog.attributes) for side in ("follow", "avoid") for phrase in a.side(side).phrases]
+        ids = [p.id for p in context.principles]
+        stereotype = np.zeros((len(ids), len(catalog.attributes)))
+        for j, attribute in enumerate(catalog.attributes):
+            for principle, weight in attribute.stereotype.items():
+                stereotype[ids.index(principle), j] = weight
+        self.mapping = np.array(self.options.matrix) if self.options.mapping == "given" else stereotype
+
+    def personalize(self, user: UserView, prompt: str) -> Personalization:
+        evidence = np.zeros(self.mapping.shape[1])
+        for index, sign, phrase in self.phrases:
+            evidence[index] += sign * sum(phrase in message for message in user.history)
+        response = self.mapping @ evidence
+        if not np.any(response):
+            return Personalization(chat(prompt))
+        top = int(np.argmax(np.abs(response)))
+        side = "follow" if response[top] > 0 else "avoid"
+        return Personalization(chat(prompt, system=style_instruction(self.principles[top], side)))
+
+
+def test_history_carries_the_signal_but_stereotypes_earn_nothing(embedder: HistoryEmbedder) -> None:
+    """Perfect attribute detection is worth a lot when C is known and nothing through stereotypes."""
+    config = RunConfig(methods=["test-phrase-reader"], worlds=[3])
+    catalog, population = prepare(config)
+    world = build_world(population, catalog, 3, validation_fraction=config.validation_fraction,
+                        test_fraction=config.test_fraction, split_seed=config.data_seed)
+    knows_c = run_benchmark(config.model_copy(update={"method_options": {
+        "test-phrase-reader": {"mapping": "given", "matrix": world.matrix.tolist()}}}), embedder=embedder)
+    informed = _pooled(knows_c, "test-phrase-reader")
+    assert informed.ci_low > 0 and informed.gain is not None and informed.gain > 0.6
+
+    stereotyped = run_benchmark(config.model_copy(update={"worlds": [0, 1, 2, 3, 4, 5]}), embedder=embedder)
+    guess = _pooled(stereotyped, "test-phrase-reader")
+    assert guess.ci_low < 0 < guess.ci_high
+    assert abs(guess.delta) < 0.25 * informed.delta
