@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from apm_bench.errors import ApmError
@@ -116,7 +117,7 @@ def _print_summary(metrics) -> None:  # type: ignore[no-untyped-def]
         if m.world != "pooled" or m.method == "baseline":
             continue
         table.add_row(
-            m.method,
+            escape(m.method),
             str(m.n_users),
             f"{m.delta:+.3f}",
             f"[{m.ci_low:+.3f}, {m.ci_high:+.3f}]",
