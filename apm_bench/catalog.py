@@ -80,6 +80,8 @@ class PersonaSeed(_Strict):
 class AntonymCatalog(_Strict):
     pairs: list[tuple[str, str]] = Field(min_length=1)
     descriptions: dict[str, str]
+    #: word → (principle id, side) through which the simulator's judge rates the word
+    sim_proxies: dict[str, tuple[str, Side]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _every_word_described(self) -> "AntonymCatalog":

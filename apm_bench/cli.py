@@ -49,7 +49,18 @@ def _worlds(value: Optional[str]) -> Optional[list[int]]:
 @app.command()
 def run(
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="method(s) to evaluate; baseline and oracle always run"),
-    model: Optional[str] = typer.Option(None, help="generator model alias (default sim-large)"),
+    model: Optional[str] = typer.Option(None, help="generator: alias, hub id or local path (default sim-large)"),
+    backend: Optional[str] = typer.Option(None, help="engine for --model: sim, hf, vllm or openai (default: the alias's)"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server for --backend openai"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="sim-judge (default) or a model for the LLM judge"),
+    judge_backend: Optional[str] = typer.Option(None, "--judge-backend", help="engine of the judge model"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible server of the judge"),
+    judge_weighted: Optional[bool] = typer.Option(None, "--judge-weighted/--judge-sampled", help="probability-weighted judge scores"),
+    judge_reasoning_effort: Optional[str] = typer.Option(None, "--judge-reasoning-effort", help="low, medium or high (gpt-oss judges)"),
+    candidate_model: Optional[str] = typer.Option(None, "--candidate-model", help="model writing the 2P candidates (default sim-large)"),
+    writer_model: Optional[str] = typer.Option(None, "--writer-model", help="'sim' or a model that rewrites prompts into histories"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="call cache file (default .apm-cache/calls.sqlite)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the call cache"),
     worlds: Optional[str] = typer.Option(None, help="number of world seeds, or a comma list of seeds (default 3)"),
     users: Optional[int] = typer.Option(None, help="users in the population (default 400)"),
     n_attr: Optional[int] = typer.Option(None, "--n-attr", help="active attributes per user: 1 or 2"),
@@ -73,6 +84,16 @@ def run(
     overrides = {
         "methods": _split(method),
         "model": model,
+        "backend": backend,
+        "base_url": base_url,
+        "judge_model": judge_model,
+        "judge_backend": judge_backend,
+        "judge_url": judge_url,
+        "judge_weighted": judge_weighted,
+        "judge_reasoning_effort": judge_reasoning_effort,
+        "candidate_model": candidate_model,
+        "writer_model": writer_model,
+        "cache": cache,
         "worlds": _worlds(worlds),
         "users": users,
         "n_attr": n_attr,
@@ -90,6 +111,8 @@ def run(
         "out": out,
     }
     run_config = load_config(config, overrides)
+    if no_cache:
+        run_config = run_config.model_copy(update={"cache": None})
 
     from apm_bench.results import write_run
     from apm_bench.runner import run_benchmark
@@ -158,6 +181,58 @@ def models() -> None:
 def _fail(message: str, code: int) -> None:
     print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(code)
+
+
+judge_app = typer.Typer(no_args_is_help=True, help="Judge diagnostics (the paper's judge study).")
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("analyze")
+def judge_analyze(
+    directory: Path = typer.Argument(..., help="folder of <judge>.npz score files"),
+    out: Optional[Path] = typer.Option(None, help="where to write table.csv and the plots (default: DIRECTORY/analysis)"),
+) -> None:
+    """Antonym-consistency table, correlation heatmap and balance chart for judge score files."""
+    from apm_bench.judge_analysis import diagnostics_table, load_judge_scores, write_diagnostics
+
+    judges = load_judge_scores(directory)
+    paths = write_diagnostics(judges, out or Path(directory) / "analysis")
+    _print_judge_table(diagnostics_table(judges))
+    for path in paths.values():
+        console.print(f"wrote {path}")
+
+
+@judge_app.command("calibrate")
+def judge_calibrate(
+    judge_model: str = typer.Option("sim-judge", "--judge-model", help="sim-judge or a model for the LLM judge"),
+    judge_backend: Optional[str] = typer.Option(None, "--judge-backend", help="engine of the judge model"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible server of the judge"),
+    judge_weighted: bool = typer.Option(False, "--judge-weighted", help="probability-weighted scores"),
+    judge_bias: float = typer.Option(0.0, "--judge-bias", help="sim-judge only: add this to every score"),
+    judge_noise: float = typer.Option(0.75, "--judge-noise", help="sim-judge only: rating noise"),
+    model: str = typer.Option("sim-large", help="model that writes the responses to rate"),
+    per_pair: int = typer.Option(160, "--per-pair", min=2, help="responses per antonym pair (the paper: 160)"),
+    seed: int = typer.Option(0, help="seed of prompts, instructions and sampling"),
+    out: Path = typer.Option(Path("results/judges"), help="folder for the score file and the analysis"),
+) -> None:
+    """Have a judge rate both words of every antonym pair, save the scores, then analyse them."""
+    from apm_bench.calibration import calibrate
+
+    path, dropped = calibrate(
+        judge_model, judge_backend, judge_url, judge_weighted, judge_bias, judge_noise, model, per_pair, seed, out
+    )
+    console.print(f"wrote {path}" + (f" ({dropped} responses dropped for failed ratings)" if dropped else ""))
+    judge_analyze(out, out / "analysis")
+
+
+def _print_judge_table(frame) -> None:  # type: ignore[no-untyped-def]
+    overall = frame[frame["pair"] == "overall"]
+    table = Table(title="judge balance (overall): mean |s⁺ + s⁻ − 11|, lower is better")
+    for column in ("judge", "n", "mean_sum", "std_sum", "mean_l1_from_11"):
+        table.add_column(column)
+    for _, row in overall.iterrows():
+        table.add_row(str(row["judge"]), str(row["n"]), f"{row['mean_sum']:.3f}", f"{row['std_sum']:.3f}", f"{row['mean_l1_from_11']:.3f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,14 +15,32 @@ from apm_bench.sim.judge import SimJudgeConfig
 from apm_bench.sim.writer import SimWriterConfig
 
 Control = Literal["no-history", "shuffled-history"]
+SIM_JUDGE = "sim-judge"
+
+
+def default_cache_path() -> Path:
+    """`.apm-cache/calls.sqlite` under the working directory, or $APM_CACHE."""
+    return Path(os.environ.get("APM_CACHE", ".apm-cache/calls.sqlite"))
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     methods: list[str] = Field(default_factory=lambda: ["routing"], min_length=1)
-    model: str = Field(default="sim-large", description="generator model alias")
+    model: str = Field(default="sim-large", description="generator: a model alias, hub id or local path")
+    backend: str | None = Field(default=None, description="engine for --model (default: the alias's own)")
+    base_url: str | None = Field(default=None, description="server URL for the openai backend")
     candidate_model: str = Field(default="sim-large", description="model that writes the 2P candidates")
+    candidate_backend: str | None = None
+    judge_model: str = Field(default="sim-judge", description="'sim-judge' (in process) or a model for the LLM judge")
+    judge_backend: str | None = None
+    judge_url: str | None = None
+    judge_weighted: bool = Field(default=False, description="probability-weighted LLM judge scores from logprobs")
+    judge_max_tokens: int = Field(default=8, ge=1)
+    judge_reasoning_effort: Literal["low", "medium", "high"] | None = None
+    writer_model: str = Field(default="sim", description="'sim' (phrase banks) or a model that rewrites prompts")
+    writer_backend: str | None = None
+    cache: Path | None = Field(default_factory=lambda: default_cache_path(), description="call cache (sqlite); None = off")
     worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="world seeds (one C each)")
     users: int = Field(default=400, ge=10, description="users in the population")
     n_attr: int = Field(default=1, ge=1, description="active attributes per user")

@@ -9,19 +9,24 @@ Message vectors are memoised per text for the life of the embedder.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from apm_bench.cache import CacheStats, CallCache, cache_key
 
 
 
 class HistoryEmbedder:
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self, batch_size: int = 64, device: str = "cpu") -> None:
+    def __init__(self, batch_size: int = 64, device: str = "cpu", cache: CallCache | None = None) -> None:
         self.batch_size = batch_size
         self.device = device
+        self.cache = cache
+        self.stats = CacheStats()
         self._model = None
         self._memo: dict[str, np.ndarray] = {}
         self.encoded_texts = 0
@@ -42,19 +47,28 @@ class HistoryEmbedder:
 
     @property
     def dimension(self) -> int:
+        if self._memo:  # known without loading the model (a run served from the cache never loads it)
+            return len(next(iter(self._memo.values())))
         return int(self._load().get_embedding_dimension())
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
-        if missing:
-            vectors = self._load().encode(
-                missing, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
+        if missing and self.cache is not None:
+            keys = [cache_key("embedding", self.name, text) for text in missing]
+            stored = self.cache.get_or_compute(
+                keys, "embedding", lambda idx: [_pack(v) for v in self._encode([missing[i] for i in idx])], self.stats
             )
-            self.encoded_texts += len(missing)
-            self._memo.update(zip(missing, np.asarray(vectors, dtype=np.float32)))
+            self._memo.update((t, _unpack(v)) for t, v in zip(missing, stored))
+        elif missing:
+            self._memo.update(zip(missing, self._encode(missing)))
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         return np.stack([self._memo[t] for t in texts])
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self._load().encode(texts, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False)
+        self.encoded_texts += len(texts)
+        return np.asarray(vectors, dtype=np.float32)
 
     def embed_histories(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """One row per history; an empty history is the zero vector (it carries no evidence)."""
@@ -65,3 +79,11 @@ class HistoryEmbedder:
                 mean = np.mean([self._memo[m] for m in history], axis=0)
                 row[:] = mean / max(float(np.linalg.norm(mean)), 1e-12)
         return rows
+
+
+def _pack(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float32).copy()

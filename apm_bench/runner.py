@@ -15,21 +15,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from apm_bench.backends import load_backend
-from apm_bench.backends.base import Backend, GenerationRequest, SamplingParams
+from apm_bench.backends.base import GenerationRequest, SamplingParams
 from apm_bench.candidates import CandidateBank
 from apm_bench.catalog import Catalog, load_catalog
 from apm_bench.config import RunConfig
 from apm_bench.embed import HistoryEmbedder
 from apm_bench.errors import ConfigError
 from apm_bench.feedback import FeedbackOracle
-from apm_bench.histories import Population, build_population, import_reference_conversations
-from apm_bench.judge import Judge, RatingRequest
+from apm_bench.histories import HistoryWriter, Population, build_population, import_reference_conversations
+from apm_bench.engines import Engines, build_engines
+from apm_bench.judge import RatingRequest
 from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserView
 from apm_bench.metrics import MethodMetrics, compute_metrics
 from apm_bench.prompts import load_prompts
 from apm_bench.reward import weighted_reward
-from apm_bench.sim.judge import SimJudge
 from apm_bench.sim.style import stable_seed
 from apm_bench.sim.writer import SimHistoryWriter
 from apm_bench.world import World, build_world
@@ -77,23 +76,29 @@ def plan_methods(config: RunConfig) -> list[MethodVariant]:
     return variants
 
 
-def prepare(config: RunConfig) -> tuple[Catalog, Population]:
-    """Load and validate every input; raises ApmError before anything is computed or written."""
+def load_pool_catalog(config: RunConfig) -> Catalog:
     catalog = load_catalog(config.principles_dir, config.personas_dir)
     if config.pool > min(len(catalog.principles), len(catalog.attributes)):
         raise ConfigError(f"pool {config.pool} is larger than the catalog ({len(catalog.principles)} principles)")
-    catalog = catalog.with_pool(config.pool)
     if config.n_attr > config.pool:
         raise ConfigError(f"n_attr {config.n_attr} exceeds the pool size {config.pool}")
+    return catalog.with_pool(config.pool)
+
+
+def load_population(config: RunConfig, catalog: Catalog, writer: HistoryWriter | None = None) -> Population:
     if config.conversations_file is not None:
-        population = import_reference_conversations(config.conversations_file, catalog, config.history_len)
-    else:
-        prompts = load_prompts(config.prompts_file)
-        writer = SimHistoryWriter(catalog, config.writer)
-        population = build_population(
-            catalog, prompts, writer, config.users, config.n_attr, config.history_len, config.data_seed
-        )
-    return catalog, population
+        return import_reference_conversations(config.conversations_file, catalog, config.history_len)
+    prompts = load_prompts(config.prompts_file)
+    return build_population(
+        catalog, prompts, writer or SimHistoryWriter(catalog, config.writer), config.users, config.n_attr,
+        config.history_len, config.data_seed,
+    )
+
+
+def prepare(config: RunConfig, writer: HistoryWriter | None = None) -> tuple[Catalog, Population]:
+    """Load and validate every input; raises ApmError before anything is computed or written."""
+    catalog = load_pool_catalog(config)
+    return catalog, load_population(config, catalog, writer)
 
 
 def apply_control(world: World, config: RunConfig) -> dict[str, tuple[str, ...]]:
@@ -121,13 +126,24 @@ def _stage_counter(progress: Progress | None, total: int) -> Callable[[str], Non
 
 
 class _Stopwatch:
-    def __init__(self) -> None:
-        self.costs: dict[str, dict[str, float]] = {}
+    """Cost per stage: seconds, call counts, tokens, and the cache hits/misses during the stage."""
 
-    def add(self, stage: str, seconds: float, **counts: float) -> None:
+    def __init__(self, engines: Engines) -> None:
+        self.engines = engines
+        self.costs: dict[str, dict[str, float]] = {}
+        self._started = 0.0
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+        self._before = self.engines.counters()
+
+    def stop(self, stage: str, **counts: float) -> None:
         entry = self.costs.setdefault(stage, {"seconds": 0.0})
-        entry["seconds"] += seconds
-        for key, value in counts.items():
+        entry["seconds"] += time.perf_counter() - self._started
+        after = self.engines.counters()
+        deltas = {k: v - self._before.get(k, 0.0) for k, v in after.items()}
+        for key, value in {**counts, **{k: v for k, v in deltas.items() if v}}.items():
             entry[key] = entry.get(key, 0.0) + value
 
 
@@ -136,30 +152,42 @@ def run_benchmark(
 ) -> RunResult:
     """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
     variants = plan_methods(config)
-    say = _stage_counter(progress, total=len(config.worlds) * (1 + len(variants)) + 1)
-    catalog, population = prepare(config)
-    generator = load_backend(config.model, catalog)
-    candidate_writer = generator if config.candidate_model == config.model else load_backend(config.candidate_model, catalog)
-    judge = SimJudge(catalog.principles, config.judge)
-    embedder = embedder or HistoryEmbedder()
-    bank = CandidateBank(candidate_writer, judge, catalog, seed=config.data_seed)
-    watch = _Stopwatch()
+    say = _stage_counter(progress, total=len(config.worlds) * (1 + len(variants)) + 2)
+    say("population")
+    catalog = load_pool_catalog(config)
+    if config.prompts_file is not None and config.conversations_file is None:
+        load_prompts(config.prompts_file)  # a bad prompt file fails before any engine starts
+    engines = build_engines(config, catalog, embedder)
+    try:
+        population = load_population(config, catalog, engines.history_writer)
+        return _run_all(config, variants, catalog, population, engines, say)
+    finally:
+        engines.close()
+
+
+def _run_all(
+    config: RunConfig,
+    variants: list[MethodVariant],
+    catalog: Catalog,
+    population: Population,
+    engines: Engines,
+    say: Callable[[str], None],
+) -> RunResult:
+    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog, seed=config.data_seed)
+    watch = _Stopwatch(engines)
     frames = []
     for world_seed in config.worlds:
         world = build_world(
             population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
             config.validation_fraction, config.test_fraction, split_seed=config.data_seed,
         )
-        frames.append(_run_world(world, config, variants, catalog, generator, judge, embedder, bank, watch, say))
+        frames.append(_run_world(world, config, variants, catalog, engines, bank, watch, say))
     samples = pd.concat(frames, ignore_index=True)
     say("metrics")
     metrics = compute_metrics(samples, config.bootstrap_seed, config.bootstrap_resamples, oracle_method=ORACLE)
-    watch.costs["candidates"] = {
-        **watch.costs.get("candidates", {}),
-        "generation_calls": float(bank.generation_calls),
-        "rating_calls": float(bank.rating_calls),
-    }
-    watch.costs["embedding"] = {"texts_encoded": float(embedder.encoded_texts)}
+    watch.costs["candidates"].update(generation_calls=float(bank.generation_calls), rating_calls=float(bank.rating_calls))
+    watch.costs["embedding"] = {"texts_encoded": float(engines.embedder.encoded_texts), **{
+        f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
     return RunResult(config, samples, metrics, watch.costs, population.source)
 
@@ -169,9 +197,7 @@ def _run_world(
     config: RunConfig,
     variants: list[MethodVariant],
     catalog: Catalog,
-    generator: Backend,
-    judge: Judge,
-    embedder: HistoryEmbedder,
+    engines: Engines,
     bank: CandidateBank,
     watch: _Stopwatch,
     say: Callable[[str], None],
@@ -180,10 +206,10 @@ def _run_world(
     fit_ids = world.split.train + world.split.validation
 
     say(f"world {world.seed}: candidates for {len(fit_ids)} training users")
-    started = time.perf_counter()
+    watch.start()
     bank.ensure({uid: world.users[uid].prompt for uid in fit_ids})
     feedback = FeedbackOracle(bank, {uid: world.targets[uid] for uid in fit_ids})
-    watch.add("candidates", time.perf_counter() - started)
+    watch.stop("candidates")
 
     def fit_user(uid: str) -> FitUser:
         return FitUser(id=uid, history=histories[uid], prompt=world.users[uid].prompt)
@@ -192,8 +218,8 @@ def _run_world(
         train_users=[fit_user(u) for u in world.split.train],
         validation_users=[fit_user(u) for u in world.split.validation],
         feedback=feedback,
-        generator=generator,
-        embedder=embedder,
+        generator=engines.generator,
+        embedder=engines.embedder,
         principles=list(catalog.principles),
         seed=world.seed,
     )
@@ -201,7 +227,7 @@ def _run_world(
     rows: list[dict[str, Any]] = []
     for variant in variants:
         say(f"world {world.seed}: {variant.label}")
-        rows += _evaluate(variant, world, context, test_users, config, generator, judge, watch)
+        rows += _evaluate(variant, world, context, test_users, config, engines, watch)
     frame = pd.DataFrame(rows)
     baseline = frame[frame["method"] == BASELINE].set_index("user_id")["reward"]
     frame["baseline_reward"] = frame["user_id"].map(baseline)
@@ -214,21 +240,20 @@ def _evaluate(
     context: FitContext,
     test_users: list[UserView],
     config: RunConfig,
-    generator: Backend,
-    judge: Judge,
+    engines: Engines,
     watch: _Stopwatch,
 ) -> list[dict[str, Any]]:
     method: Personalizer = METHODS.get(variant.method)(**variant.options)
     if method.evaluation_only:
         method.reveal_targets({u.id: world.targets[u.id] for u in test_users})
     calls_before = context.feedback.calls
-    started = time.perf_counter()
+    watch.start()
     method.fit(context)
     prompts = [world.users[u.id].prompt for u in test_users]
     personalizations = method.personalize_many(test_users, prompts)
-    watch.add(f"fit:{variant.label}", time.perf_counter() - started, feedback_calls=context.feedback.calls - calls_before)
+    watch.stop(f"fit:{variant.label}", feedback_calls=context.feedback.calls - calls_before)
 
-    started = time.perf_counter()
+    watch.start()
     requests = [
         GenerationRequest(
             messages=p.messages,
@@ -239,23 +264,22 @@ def _evaluate(
         )
         for u, p in zip(test_users, personalizations)
     ]
-    generations = generator.generate(requests)
-    watch.add(
+    generations = engines.generator.generate(requests)
+    watch.stop(
         f"generate:{variant.label}",
-        time.perf_counter() - started,
         calls=len(requests),
         prompt_tokens=sum(g.prompt_tokens for g in generations),
         completion_tokens=sum(g.completion_tokens for g in generations),
     )
 
-    started = time.perf_counter()
+    watch.start()
     rating_requests = [
         RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=world.seed)
         for u, prompt, g in zip(test_users, prompts, generations)
         for t in world.targets[u.id]
     ]
-    ratings = iter(judge.rate(rating_requests))
-    watch.add(f"judge:{variant.label}", time.perf_counter() - started, calls=len(rating_requests))
+    ratings = iter(engines.judge.rate(rating_requests))
+    watch.stop(f"judge:{variant.label}", calls=len(rating_requests))
 
     rows = []
     for user, prompt, personalization, generation in zip(test_users, prompts, personalizations, generations):

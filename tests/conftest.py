@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from apm_bench.catalog import Catalog, load_catalog
@@ -16,3 +20,8 @@ def catalog() -> Catalog:
 @pytest.fixture(scope="session")
 def embedder() -> HistoryEmbedder:
     return HistoryEmbedder()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In-process runs cache into a fresh folder per test session, never into the checkout."""
+    os.environ["APM_CACHE"] = str(Path(tempfile.mkdtemp(prefix="apm-test-cache-")) / "calls.sqlite")

@@ -81,7 +81,7 @@ def resolve_model(name: str, backend: str | None = None) -> ModelSpec:
     if name in registry:
         spec = registry.get(name)
         return spec if backend is None or backend == spec.backend else spec.model_copy(update={"backend": backend})
-    if looks_like_model_id(name):
+    if backend is not None or looks_like_model_id(name):
         return ModelSpec(alias=name, backend=backend or "vllm", model_id=name)
     return registry.get(name)  # raises with a did-you-mean
 

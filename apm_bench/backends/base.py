@@ -29,6 +29,10 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 1024
     logprobs: bool = False
+    #: alternatives per generated position (0 = none); a judge reads its score distribution from them
+    top_logprobs: int = 0
+    #: for reasoning models (gpt-oss): "low" | "medium" | "high"
+    reasoning_effort: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Generation:
     logprob: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: per generated position, the most likely tokens and their log-probabilities
+    top_logprobs: tuple[dict[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,10 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One generation per request, in order; the same request (seed included) gives the same text."""
+
+    def fingerprint(self) -> str:
+        """What, besides the request, determines an answer: part of every cache key."""
+        return f"{self.name}:{self.model}"
 
     def close(self) -> None:
         """Release engine resources; the default holds none."""

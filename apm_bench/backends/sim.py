@@ -8,10 +8,14 @@ import numpy as np
 import torch
 
 from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest, Message
+from apm_bench.cache import cache_key
 from apm_bench.catalog import Catalog
 from apm_bench.sim.policy import SimPolicy, SimProfile
 from apm_bench.sim.reader import ContextReader
 from apm_bench.sim.style import StyleCodec, stable_seed
+
+
+SIM_VERSION = "1"  # bump when the simulator's behaviour changes, so old cache entries are not reused
 
 
 class SimBackend(Backend):
@@ -30,6 +34,10 @@ class SimBackend(Backend):
         self.codec = StyleCodec(catalog.principles)
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
         self.policy = SimPolicy(profile, catalog.principles, catalog.attributes, self.reader.width, seed=seed)
+
+    def fingerprint(self) -> str:
+        """The simulator's answers depend on its profile, the catalog pool and its own version."""
+        return cache_key(SIM_VERSION, self.name, self.model, self.policy.profile.model_dump(), self.catalog.model_dump())
 
     def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
         return torch.tensor(self.reader.read_many(conversations), dtype=torch.float32)

@@ -12,10 +12,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from apm_bench.catalog import Principle
+from apm_bench.cache import cache_key
 from apm_bench.judge import SCORE_MAX, SCORE_MIDPOINT, SCORE_MIN, Judge, Rating, RatingRequest
 from apm_bench.sim.style import StyleCodec, stable_seed
 
 POINTS_PER_LEVEL = 2.0
+SIM_JUDGE_VERSION = "1"  # bump when scoring changes, so cached ratings are not reused
 
 
 class SimJudgeConfig(BaseModel):
@@ -34,6 +36,9 @@ class SimJudge(Judge):
         self.codec = StyleCodec(principles)
         self._index = {p.id: i for i, p in enumerate(principles)}
         self.name = "sim-judge" + ("-weighted" if self.config.weighted else "")
+
+    def fingerprint(self) -> str:
+        return cache_key(SIM_JUDGE_VERSION, self.name, self.config.model_dump(), [p.model_dump() for p in self.codec.principles])
 
     def _mean_score(self, request: RatingRequest) -> float:
         feature = self.codec.measure(request.response)[self._index[request.principle]]

@@ -1,0 +1,70 @@
+"""A backend behind the persistent cache: same interface, each distinct request computed once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from apm_bench.backends.base import Backend, Generation, GenerationRequest
+from apm_bench.cache import CacheStats, CallCache, cache_key
+
+
+def request_key(fingerprint: str, request: GenerationRequest) -> str:
+    """Backend, model, adapter, params, seed and messages; soft prompts by a hash of their values."""
+    soft = None
+    if request.soft_prompt is not None:
+        embeddings = np.ascontiguousarray(request.soft_prompt.embeddings, dtype=np.float32)
+        soft = [list(embeddings.shape), cache_key(embeddings.tobytes().hex())]
+    return cache_key(
+        "generation",
+        fingerprint,
+        [dataclasses.astuple(m) for m in request.messages],
+        request.seed,
+        dataclasses.asdict(request.params),
+        dataclasses.asdict(request.adapter) if request.adapter else None,
+        soft,
+    )
+
+
+def _to_json(generation: Generation) -> dict[str, Any]:
+    data = dataclasses.asdict(generation)
+    data["top_logprobs"] = list(generation.top_logprobs) if generation.top_logprobs is not None else None
+    return data
+
+
+def _from_json(data: dict[str, Any]) -> Generation:
+    top = data.get("top_logprobs")
+    return Generation(**{**data, "top_logprobs": tuple(top) if top is not None else None})
+
+
+class CachedBackend(Backend):
+    def __init__(self, inner: Backend, cache: CallCache) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.name = inner.name
+        self.model = inner.model
+        self.capabilities = inner.capabilities
+        self.stats = CacheStats()
+        self._fingerprint = inner.fingerprint()
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        keys = [request_key(self._fingerprint, r) for r in requests]
+
+        def compute(indices: list[int]) -> list[Any]:
+            return [_to_json(g) for g in self.inner.generate([requests[i] for i in indices])]
+
+        values = self.cache.get_or_compute(keys, "generation", compute, self.stats)
+        return [_from_json(v) for v in values]  # type: ignore[arg-type]
+
+    def __getattr__(self, attribute: str) -> Any:
+        """Training methods reach the engine itself (policy, model) through the wrapper."""
+        return getattr(self.inner, attribute)
+
+    def close(self) -> None:
+        self.inner.close()

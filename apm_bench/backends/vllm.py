@@ -1,0 +1,691 @@
+"""vLLM engine: batched chat generation on CUDA GPUs, with per-prompt LoRA adapters and soft prompts.
+
+vLLM is an optional extra (`pip install 'apm-bench[vllm]'`) and needs a CUDA GPU, so it is imported
+only when a `VLLMBackend` is built. Everything that turns our requests into vLLM's inputs is a plain
+function below (`sampling_kwargs`, `lora_requests`, `engine_kwargs`, `render_prompt_ids`,
+`embeds_prompt`, `completion_logprob`) that runs without vLLM, so the translation is unit-tested on
+machines that cannot install it.
+
+How a batch runs (API of vLLM 0.32/0.33, `vllm/entrypoints/llm.py`):
+
+- Every conversation is rendered with the model's chat template by the engine's own tokenizer and
+  tokenized without extra special tokens -- the same two steps `LLM.chat` performs internally. We do
+  them here rather than calling `LLM.chat` because `LLM.chat` takes one `LoRARequest` for the whole
+  batch, while `LLM.generate` takes one per prompt: rendering ourselves lets requests for different
+  adapters share one engine run, and gives the soft-prompt path exactly the same tokens as the
+  plain path, so a request's prompt never depends on what else is in its batch.
+- Plain requests go to `LLM.generate` as token prompts (`{"prompt_token_ids": [...]}`); requests
+  with a soft prompt go as embedding prompts (`{"prompt_embeds": tensor (seq_len, hidden)}`, which
+  needs the engine option `enable_prompt_embeds: true`). Each prompt gets its own `SamplingParams`
+  (its own seed) and its own `LoRARequest` or None.
+- Soft prompts: vLLM accepts prompt embeddings but exposes no way to look up the model's token
+  embeddings. We read the rows we need of the input embedding matrix (`...embed_tokens.weight`)
+  straight from the model's safetensors files -- the local directory, or the Hugging Face cache that
+  vLLM downloaded into -- through memory-mapped slices, so neither the model nor the whole matrix is
+  loaded a second time. The m soft vectors go in front of the rendered prompt's embeddings, as in
+  `SoftPrompt`'s contract. (This is right for models whose forward pass uses the raw embedding rows,
+  as Llama, Qwen and gpt-oss do; a model that rescales its embeddings inside the forward pass would
+  need that scale applied here.)
+- Log-probabilities: with `SamplingParams.logprobs = 1` vLLM returns, per generated position, the
+  top-1 entry plus the sampled token, and `CompletionOutput.cumulative_logprob` is the sum of the
+  sampled tokens' log-probabilities. By default (`logprobs_mode="raw_logprobs"`) these come from the
+  model's distribution before temperature and top-p are applied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apm_bench.backends.base import (
+    Backend,
+    Capabilities,
+    Generation,
+    GenerationRequest,
+    Message,
+    SoftPrompt,
+)
+from apm_bench.errors import ConfigError
+
+INSTALL_HINT = "install the vLLM extra: pip install 'apm-bench[vllm]'"
+NO_GPU_MESSAGE = (
+    "the vllm backend needs a CUDA GPU; use --backend hf for a small CPU run, "
+    "or serve the model elsewhere and use --backend openai --base-url URL"
+)
+
+#: vLLM's LoRAConfig.max_lora_rank is Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] (vllm/config/lora.py)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: ParallelConfig's DistributedExecutorBackend literal (vllm/config/parallel.py)
+EXECUTOR_BACKENDS = ("ray", "mp", "uni", "external_launcher")
+#: the `dtype` choices of EngineArgs / ModelConfig
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+#: options of ours that are not engine arguments: kwargs for the chat template (e.g. enable_thinking)
+BACKEND_OPTIONS = ("chat_template_kwargs",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine options
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"vllm option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"vllm option {name} must be true or false, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices or isinstance(value, bool):
+        raise ConfigError(f"vllm option {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def _check_seed(name: str, value: Any) -> int:
+    if not _is_int(value):
+        raise ConfigError(f"vllm option {name} must be an integer, got {value!r}")
+    return value
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"vllm option {name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_max_logprobs(name: str, value: Any) -> int:
+    if not _is_int(value) or (value < 1 and value != -1):
+        raise ConfigError(
+            f"vllm option {name} must be a positive integer or -1 (whole vocabulary), got {value!r}; "
+            "requests with logprobs need at least 1"
+        )
+    return value
+
+
+#: our option name -> validator; each name is the vLLM `LLM(...)` / `EngineArgs` keyword it becomes
+_ENGINE_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
+    "tensor_parallel_size": _positive_int,
+    "data_parallel_size": _positive_int,
+    "distributed_executor_backend": lambda n, v: _check_choice(n, v, EXECUTOR_BACKENDS),
+    "enable_lora": _flag,
+    "max_loras": _positive_int,
+    "max_lora_rank": lambda n, v: _check_choice(n, v, LORA_RANKS),
+    "max_cpu_loras": _positive_int,
+    "enable_prompt_embeds": _flag,
+    "enable_prefix_caching": _flag,
+    "gpu_memory_utilization": _check_fraction,
+    "max_model_len": _positive_int,
+    "max_num_seqs": _positive_int,
+    "dtype": lambda n, v: _check_choice(n, v, DTYPES),
+    "seed": _check_seed,
+    "max_logprobs": _check_max_logprobs,
+    "enforce_eager": _flag,
+    "trust_remote_code": _flag,
+}
+ENGINE_OPTIONS = tuple(_ENGINE_OPTIONS)
+
+#: defaults we set where vLLM's own would not suit a benchmark run
+ENGINE_DEFAULTS: dict[str, Any] = {
+    # judge and generation prompts share long prefixes (instructions, histories): cache their KV
+    "enable_prefix_caching": True,
+}
+
+
+def engine_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate our engine options and return the keyword arguments for `vllm.LLM(model=..., **kwargs)`.
+
+    Raises ConfigError (one line) for unknown options, bad values, and combinations a single-process
+    `LLM` rejects.
+    """
+    unknown = sorted(set(options) - set(_ENGINE_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown vllm option(s) {', '.join(unknown)}; known: {', '.join(ENGINE_OPTIONS + BACKEND_OPTIONS)}"
+        )
+    kwargs = dict(ENGINE_DEFAULTS)
+    for name, value in options.items():
+        kwargs[name] = _ENGINE_OPTIONS[name](name, value)
+
+    lora_settings = [n for n in ("max_loras", "max_lora_rank", "max_cpu_loras") if n in options]
+    if lora_settings:
+        if options.get("enable_lora") is False:
+            raise ConfigError(f"vllm options {', '.join(lora_settings)} need enable_lora: true")
+        kwargs["enable_lora"] = True
+    if "max_cpu_loras" in kwargs and kwargs["max_cpu_loras"] < kwargs.get("max_loras", 1):
+        raise ConfigError(
+            f"vllm option max_cpu_loras ({kwargs['max_cpu_loras']}) must be at least max_loras "
+            f"({kwargs.get('max_loras', 1)})"
+        )
+
+    data_parallel = kwargs.get("data_parallel_size", 1)
+    if data_parallel > 1 and kwargs.get("distributed_executor_backend") != "external_launcher":
+        raise ConfigError(
+            f"vllm data_parallel_size={data_parallel} needs distributed_executor_backend: external_launcher "
+            "and one process per replica (torchrun); a single-process vllm.LLM refuses data parallelism -- "
+            "use tensor_parallel_size on one process, or run one apm process per GPU"
+        )
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests -> vLLM inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _top_logprobs(request: GenerationRequest) -> int:
+    return int(getattr(request.params, "top_logprobs", 0) or 0)
+
+
+def logprobs_count(request: GenerationRequest) -> int | None:
+    """`SamplingParams.logprobs` for a request: None when it wants none.
+
+    1 is the smallest count that makes vLLM fill `cumulative_logprob` in every 0.x release (some
+    treated 0 as "none"); vLLM always adds the sampled token's entry to the top-k ones.
+    """
+    top = _top_logprobs(request)
+    if top > 0:
+        return top
+    return 1 if request.params.logprobs else None
+
+
+def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """Keyword arguments for one `vllm.SamplingParams`; the request's seed makes its draw reproducible.
+
+    temperature 0 is greedy decoding in vLLM (the seed is then irrelevant, but passed all the same).
+    """
+    params = request.params
+    return {
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+        "max_tokens": int(params.max_tokens),
+        "seed": int(request.seed),
+        "logprobs": logprobs_count(request),
+    }
+
+
+LoRASpec = tuple[str, int, str]  # (lora_name, lora_int_id, lora_path): LoRARequest's positional order
+#: adapter name -> the LoRASpec it was last given; kept by the backend across batches
+LoRARegistry = dict[str, LoRASpec]
+
+
+def lora_requests(
+    requests: Sequence[GenerationRequest], registry: LoRARegistry | None = None
+) -> list[LoRASpec | None] | None:
+    """One (lora_name, lora_int_id, lora_path) or None per request; None when no request has an adapter.
+
+    Ids start at 1 (vLLM reserves 0 for "no adapter") and are stable per adapter name: pass the same
+    `registry` across batches so that an adapter keeps its id, under which vLLM caches its weights.
+    An adapter name given again with another path (a retrained adapter) gets a new id and the vLLM
+    name "name#id", so vLLM, which tells adapters apart by id and by name, never serves stale weights.
+    """
+    if not any(r.adapter is not None for r in requests):
+        return None
+    registry = {} if registry is None else registry
+    in_batch: dict[str, str] = {}
+    specs: list[LoRASpec | None] = []
+    for request in requests:
+        adapter = request.adapter
+        if adapter is None:
+            specs.append(None)
+            continue
+        if not adapter.path:
+            raise ConfigError(f"adapter {adapter.name!r} has no path; the vllm backend loads adapters from disk")
+        path = str(adapter.path)
+        if in_batch.setdefault(adapter.name, path) != path:
+            raise ConfigError(
+                f"adapter {adapter.name!r} is given two paths in one batch: {in_batch[adapter.name]} and {path}"
+            )
+        known = registry.get(adapter.name)
+        if known is None or known[2] != path:
+            new_id = 1 + max((spec[1] for spec in registry.values()), default=0)
+            registry[adapter.name] = (adapter.name if known is None else f"{adapter.name}#{new_id}", new_id, path)
+        specs.append(registry[adapter.name])
+    return specs
+
+
+def adapter_rank(path: str | Path) -> int | None:
+    """The LoRA rank `r` from a saved peft adapter's adapter_config.json, or None if it cannot be read."""
+    config = Path(path) / "adapter_config.json"
+    try:
+        rank = json.loads(config.read_text(encoding="utf-8")).get("r")
+    except (OSError, ValueError):
+        return None
+    return rank if _is_int(rank) else None
+
+
+def conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Our messages as the OpenAI-style dicts chat templates take."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def template_kwargs(request: GenerationRequest, base: Mapping[str, Any]) -> dict[str, Any]:
+    """Chat-template kwargs for one request: the engine's, plus the request's reasoning effort if any."""
+    kwargs = dict(base)
+    effort = getattr(request.params, "reasoning_effort", None)
+    if effort is not None:
+        kwargs["reasoning_effort"] = effort
+    return kwargs
+
+
+def render_prompt_ids(tokenizer: Any, messages: Sequence[Message], chat_kwargs: Mapping[str, Any]) -> list[int]:
+    """Chat template + tokenization, as `LLM.chat` does: render to text with the generation prompt,
+    then encode without adding special tokens (the template already has them)."""
+    text = tokenizer.apply_chat_template(
+        conversation(messages), tokenize=False, add_generation_prompt=True, **dict(chat_kwargs)
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def embeds_prompt(prompt_token_embeddings: Any, soft_prompt: SoftPrompt | np.ndarray) -> Any:
+    """The prompt as embeddings for vLLM: the m soft vectors first, then the prompt tokens' rows.
+
+    `prompt_token_embeddings` is a (seq_len, hidden) tensor; the result is a (m + seq_len, hidden)
+    tensor of its dtype, the value of `EmbedsPrompt["prompt_embeds"]`.
+    """
+    import torch
+
+    tokens = torch.as_tensor(prompt_token_embeddings)
+    soft_values = soft_prompt.embeddings if isinstance(soft_prompt, SoftPrompt) else soft_prompt
+    soft = torch.as_tensor(np.asarray(soft_values))
+    if tokens.ndim != 2:
+        raise ConfigError(f"prompt embeddings must have shape (seq_len, hidden), got {tuple(tokens.shape)}")
+    if soft.ndim != 2 or soft.shape[0] == 0:
+        raise ConfigError(f"a soft prompt must have shape (m, hidden) with m >= 1, got {tuple(soft.shape)}")
+    if soft.shape[1] != tokens.shape[1]:
+        raise ConfigError(
+            f"soft prompt hidden size {soft.shape[1]} does not match the model's embedding size {tokens.shape[1]}"
+        )
+    return torch.cat([soft.to(dtype=tokens.dtype, device=tokens.device), tokens], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM outputs -> Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _entry_logprob(entry: Any) -> float:
+    return float(getattr(entry, "logprob", entry))
+
+
+def completion_logprob(completion: Any) -> float | None:
+    """Sum of the sampled tokens' log-probabilities of a vLLM CompletionOutput (None if not requested)."""
+    cumulative = getattr(completion, "cumulative_logprob", None)
+    if cumulative is not None:
+        return float(cumulative)
+    positions = getattr(completion, "logprobs", None)
+    if not positions:
+        return None
+    return float(sum(_entry_logprob(pos[token]) for pos, token in zip(positions, completion.token_ids)))
+
+
+def completion_top_logprobs(completion: Any, k: int) -> tuple[dict[str, float], ...] | None:
+    """Per generated position, the k most likely tokens (decoded text -> log-probability)."""
+    positions = getattr(completion, "logprobs", None)
+    if k <= 0 or positions is None:
+        return None
+    result = []
+    for position in positions:
+        ranked = sorted(position.items(), key=lambda item: getattr(item[1], "rank", None) or math.inf)
+        top: dict[str, float] = {}
+        for token_id, entry in ranked:
+            rank = getattr(entry, "rank", None)
+            if rank is not None and rank > k:
+                continue
+            text = getattr(entry, "decoded_token", None)
+            top.setdefault(text if text is not None else str(token_id), _entry_logprob(entry))
+            if len(top) == k:
+                break
+        result.append(top)
+    return tuple(result)
+
+
+_GENERATION_FIELDS = {f.name for f in fields(Generation)}
+
+
+def to_generation(request: GenerationRequest, output: Any, prompt_tokens: int) -> Generation:
+    """A vLLM RequestOutput (n=1) as our Generation."""
+    completion = output.outputs[0]
+    wants_logprob = request.params.logprobs or _top_logprobs(request) > 0
+    values: dict[str, Any] = {
+        "text": completion.text,
+        "logprob": completion_logprob(completion) if wants_logprob else None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(completion.token_ids),
+    }
+    if "top_logprobs" in _GENERATION_FIELDS:
+        values["top_logprobs"] = completion_top_logprobs(completion, _top_logprobs(request))
+    return Generation(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token embeddings from the checkpoint (for soft prompts)
+# --------------------------------------------------------------------------------------------------
+
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+_NOT_LANGUAGE = ("visual", "vision", "mtp", "audio")
+
+
+def embedding_tensor_name(names: Iterable[str]) -> str:
+    """The checkpoint name of the input token-embedding matrix among a model's tensor names."""
+    candidates = sorted(
+        n for n in names if n.endswith(_EMBEDDING_SUFFIXES) and not any(part in n for part in _NOT_LANGUAGE)
+    )
+    if len(candidates) > 1:
+        language = [n for n in candidates if "language_model" in n]
+        candidates = language or [n for n in candidates if n == "model.embed_tokens.weight"] or candidates
+    if len(candidates) != 1:
+        found = ", ".join(candidates) if candidates else "none"
+        raise ConfigError(f"cannot tell the token-embedding matrix in the checkpoint (candidates: {found})")
+    return candidates[0]
+
+
+class CheckpointEmbeddings:
+    """Rows of a model's input embedding matrix, read lazily from its safetensors files.
+
+    `files` maps each tensor name to the file that holds it (a single `model.safetensors`, or the
+    `weight_map` of `model.safetensors.index.json`). Rows are read through safetensors slices of a
+    memory-mapped file and cached, so only the rows prompts use are ever loaded.
+    """
+
+    def __init__(self, files: Mapping[str, Path]) -> None:
+        self.name = embedding_tensor_name(files)
+        self.path = Path(files[self.name])
+        self._rows: dict[int, Any] = {}
+        self.hidden_size: int | None = None
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> CheckpointEmbeddings:
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return cls({name: directory / file for name, file in weight_map.items()})
+        from safetensors import safe_open
+
+        files: dict[str, Path] = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                files.update({name: path for name in handle.keys()})
+        if not files:
+            raise ConfigError(f"no safetensors weights in {directory}; soft prompts on vllm read the embeddings there")
+        return cls(files)
+
+    @classmethod
+    def for_model(cls, model: str) -> CheckpointEmbeddings:
+        """A local model directory, or a hub id resolved through the Hugging Face cache (no re-download
+        when vLLM already fetched the files)."""
+        if Path(model).expanduser().is_dir():
+            return cls.from_directory(Path(model).expanduser())
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = Path(hf_hub_download(model, "model.safetensors.index.json"))
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            name = embedding_tensor_name(weight_map)
+            shard = Path(hf_hub_download(model, weight_map[name]))
+            return cls({name: shard})
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - a single-file checkpoint has no index
+            try:
+                return cls.from_directory(Path(hf_hub_download(model, "model.safetensors")).parent)
+            except Exception as error:  # noqa: BLE001
+                raise ConfigError(f"cannot read the token embeddings of {model}: {error}") from error
+
+    def __call__(self, token_ids: Sequence[int]) -> Any:
+        """A (len(token_ids), hidden) tensor of the embedding rows, in the checkpoint's dtype."""
+        import torch
+
+        missing = sorted({int(t) for t in token_ids} - set(self._rows))
+        if missing:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as handle:
+                matrix = handle.get_slice(self.name)
+                rows, hidden = matrix.get_shape()
+                self.hidden_size = hidden
+                for token in missing:
+                    if not 0 <= token < rows:
+                        raise ConfigError(f"token id {token} is outside the embedding matrix ({rows} rows)")
+                    self._rows[token] = matrix[token : token + 1][0]
+        if not token_ids:
+            raise ConfigError("cannot embed an empty prompt")
+        return torch.stack([self._rows[int(t)] for t in token_ids])
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VLLMApi:
+    """The few vLLM classes the backend builds (real ones, or stand-ins in tests)."""
+
+    LLM: Any
+    SamplingParams: Any
+    LoRARequest: Any
+
+
+def import_vllm() -> VLLMApi:
+    """vLLM's public classes; ConfigError when the extra is missing or broken."""
+    try:
+        import vllm
+        from vllm.lora.request import LoRARequest
+    except ImportError as error:
+        raise ConfigError(f"{INSTALL_HINT} ({error})") from error
+    except Exception as error:  # noqa: BLE001 - e.g. a CUDA torchvision next to CPU torch
+        raise ConfigError(f"vllm is installed but fails to import ({type(error).__name__}: {error}); {INSTALL_HINT}") from error
+    return VLLMApi(LLM=vllm.LLM, SamplingParams=vllm.SamplingParams, LoRARequest=LoRARequest)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class VLLMBackend(Backend):
+    """One vLLM engine bound to one model; options are the engine options of `engine_kwargs` plus
+    `chat_template_kwargs` (e.g. {"enable_thinking": False} for Qwen3.5)."""
+
+    name = "vllm"
+    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=False)
+
+    def __init__(self, model: str, **options: Any) -> None:
+        chat_kwargs, kwargs = self._split_options(options)
+        if not _cuda_available():
+            raise ConfigError(NO_GPU_MESSAGE)
+        api = import_vllm()
+        llm = api.LLM(model=model, **kwargs)
+        self._attach(model, llm, api, kwargs, chat_kwargs, embeddings=None)
+
+    @classmethod
+    def with_engine(
+        cls,
+        model: str,
+        llm: Any,
+        api: VLLMApi,
+        options: Mapping[str, Any] | None = None,
+        embeddings: Callable[[Sequence[int]], Any] | None = None,
+    ) -> VLLMBackend:
+        """A backend around an already built engine (tests pass stand-ins for vLLM's classes)."""
+        chat_kwargs, kwargs = cls._split_options(dict(options or {}))
+        backend = cls.__new__(cls)
+        backend._attach(model, llm, api, kwargs, chat_kwargs, embeddings)
+        return backend
+
+    @staticmethod
+    def _split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        options = dict(options)
+        chat_kwargs = options.pop("chat_template_kwargs", None) or {}
+        if not isinstance(chat_kwargs, Mapping):
+            raise ConfigError(f"vllm option chat_template_kwargs must be a mapping, got {chat_kwargs!r}")
+        return dict(chat_kwargs), engine_kwargs(options)
+
+    def _attach(
+        self,
+        model: str,
+        llm: Any,
+        api: VLLMApi,
+        kwargs: dict[str, Any],
+        chat_kwargs: dict[str, Any],
+        embeddings: Callable[[Sequence[int]], Any] | None,
+    ) -> None:
+        self.model = model
+        self._llm = llm
+        self._api = api
+        self._engine_kwargs = kwargs
+        self._chat_kwargs = chat_kwargs
+        self._embeddings = embeddings
+        self._tokenizer: Any = None
+        self._adapters: LoRARegistry = {}
+
+    def fingerprint(self) -> str:
+        """Model plus the options that change answers (dtype, context length, chat-template kwargs)."""
+        shaping = {k: self._engine_kwargs[k] for k in ("dtype", "max_model_len") if k in self._engine_kwargs}
+        return f"{self.name}:{self.model}:" + json.dumps(
+            {"engine": shaping, "chat_template_kwargs": self._chat_kwargs}, sort_keys=True, default=str
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self._llm.get_tokenizer()
+        return self._tokenizer
+
+    def _get_embeddings(self) -> Callable[[Sequence[int]], Any]:
+        if self._embeddings is None:
+            self._embeddings = CheckpointEmbeddings.for_model(self.model)
+        return self._embeddings
+
+    def _check(self, requests: Sequence[GenerationRequest]) -> None:
+        kwargs = self._engine_kwargs
+        adapters = {r.adapter.name: r.adapter for r in requests if r.adapter is not None}
+        if adapters and not kwargs.get("enable_lora"):
+            raise ConfigError(
+                f"requests use adapter(s) {', '.join(sorted(adapters))} but the vllm engine was built without "
+                "enable_lora: true (set it, with max_lora_rank at least the adapters' rank)"
+            )
+        max_rank = kwargs.get("max_lora_rank", 16)  # vLLM's LoRAConfig default
+        for adapter in adapters.values():
+            rank = adapter_rank(adapter.path) if adapter.path else None
+            if rank is not None and rank > max_rank:
+                raise ConfigError(
+                    f"adapter {adapter.name!r} has rank {rank} but the vllm engine's max_lora_rank is {max_rank}; "
+                    f"set max_lora_rank to one of {', '.join(str(r) for r in LORA_RANKS if r >= rank)}"
+                )
+        if any(r.soft_prompt is not None for r in requests) and not kwargs.get("enable_prompt_embeds"):
+            raise ConfigError("soft prompts on the vllm backend need the engine option enable_prompt_embeds: true")
+        max_logprobs = kwargs.get("max_logprobs", 20)  # vLLM's ModelConfig default
+        wanted = max((logprobs_count(r) or 0 for r in requests), default=0)
+        if max_logprobs != -1 and wanted > max_logprobs:
+            raise ConfigError(f"requests ask for {wanted} logprobs but the vllm engine's max_logprobs is {max_logprobs}")
+
+    def _lora_objects(self, specs: list[LoRASpec | None] | None, rows: Sequence[int]) -> Any:
+        if specs is None:
+            return None
+        chosen = [specs[i] for i in rows]
+        if all(spec is None for spec in chosen):
+            return None
+        return [None if spec is None else self._api.LoRARequest(*spec) for spec in chosen]
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        requests = list(requests)
+        if not requests:
+            return []
+        self._check(requests)
+        tokenizer = self._get_tokenizer()
+        prompt_ids = [
+            render_prompt_ids(tokenizer, r.messages, template_kwargs(r, self._chat_kwargs)) for r in requests
+        ]
+        specs = lora_requests(requests, self._adapters)
+        sampling = [self._api.SamplingParams(**sampling_kwargs(r)) for r in requests]
+        results: list[Generation | None] = [None] * len(requests)
+
+        plain = [i for i, r in enumerate(requests) if r.soft_prompt is None]
+        soft = [i for i, r in enumerate(requests) if r.soft_prompt is not None]
+        if plain:
+            prompts = [{"prompt_token_ids": prompt_ids[i]} for i in plain]  # vllm.inputs.TokensPrompt
+            self._run(requests, plain, prompts, sampling, specs, [len(prompt_ids[i]) for i in plain], results)
+        if soft:
+            lookup = self._get_embeddings()
+            prompts = []
+            for i in soft:
+                embeds = embeds_prompt(lookup(prompt_ids[i]), requests[i].soft_prompt)  # type: ignore[arg-type]
+                prompts.append({"prompt_embeds": embeds})  # vllm.inputs.EmbedsPrompt
+            counts = [len(prompt_ids[i]) + len(requests[i].soft_prompt.embeddings) for i in soft]  # type: ignore[union-attr]
+            self._run(requests, soft, prompts, sampling, specs, counts, results)
+        return [g for g in results if g is not None]
+
+    def _run(
+        self,
+        requests: Sequence[GenerationRequest],
+        rows: Sequence[int],
+        prompts: list[dict[str, Any]],
+        sampling: Sequence[Any],
+        specs: list[LoRASpec | None] | None,
+        prompt_counts: Sequence[int],
+        results: list[Generation | None],
+    ) -> None:
+        outputs = self._llm.generate(
+            prompts,
+            [sampling[i] for i in rows],
+            use_tqdm=False,
+            lora_request=self._lora_objects(specs, rows),
+        )
+        if len(outputs) != len(rows):
+            raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(rows)} prompts")
+        for i, output, count in zip(rows, outputs, prompt_counts):
+            results[i] = to_generation(requests[i], output, count)
+
+    def close(self) -> None:
+        """Drop the engine; vLLM shuts its worker processes down when the engine is collected."""
+        import gc
+
+        self._llm = None
+        self._tokenizer = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
+__all__ = [
+    "CheckpointEmbeddings",
+    "ENGINE_OPTIONS",
+    "LORA_RANKS",
+    "VLLMApi",
+    "VLLMBackend",
+    "completion_logprob",
+    "completion_top_logprobs",
+    "embedding_tensor_name",
+    "embeds_prompt",
+    "engine_kwargs",
+    "lora_requests",
+    "render_prompt_ids",
+    "sampling_kwargs",
+]

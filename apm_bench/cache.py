@@ -1,0 +1,203 @@
+"""The persistent call cache: every generation, rating and embedding of a run, keyed by what
+determines it, in one sqlite file (WAL) that several runs may share at once.
+
+- A killed run resumes: what it stored is reused, what it had claimed but not stored is taken
+  over once its owner is gone.
+- Two concurrent runs never compute the same call twice: a run *claims* the keys it is about to
+  compute (an atomic insert), and a run that finds a key claimed by a live process waits for
+  that process's answer instead of computing it too.
+- Failures are never stored: a failed computation releases its claims and nothing is cached.
+- Each stored row counts how often it was computed (`computations`), so tests can prove that
+  no call was made twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    value TEXT,
+    owner TEXT,
+    claimed_at REAL,
+    computations INTEGER NOT NULL DEFAULT 0
+)
+"""
+_CHUNK = 500
+STALE_CLAIM_SECONDS = 1800.0
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable key from JSON-able parts (sorted keys, so dict order never matters)."""
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    waited: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"cache_hits": self.hits, "cache_misses": self.misses, "cache_waited": self.waited}
+
+
+@dataclass
+class CallCache:
+    path: Path
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    poll_seconds: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(self.path, timeout=120.0, isolation_level=None, check_same_thread=False)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._connection.close()
+
+    # ------------------------------------------------------------------ reading
+
+    def _rows(self, keys: Sequence[str]) -> dict[str, tuple[str | None, str | None, float | None]]:
+        found: dict[str, tuple[str | None, str | None, float | None]] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = list(keys[start : start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT key, value, owner, claimed_at FROM calls WHERE key IN ({marks})"
+            for key, value, owner, claimed_at in self._connection.execute(query, chunk):
+                found[key] = (value, owner, claimed_at)
+        return found
+
+    def stored(self, keys: Sequence[str]) -> dict[str, Any]:
+        return {k: json.loads(v) for k, (v, _, _) in self._rows(keys).items() if v is not None}
+
+    # ------------------------------------------------------------------ claiming
+
+    def _claim(self, keys: Sequence[str], kind: str) -> set[str]:
+        """Atomically claim unclaimed keys and take over claims whose owner is gone."""
+        now = time.time()
+        mine: set[str] = set()
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._connection.executemany(
+                "INSERT OR IGNORE INTO calls(key, kind, owner, claimed_at) VALUES (?, ?, ?, ?)",
+                [(k, kind, self.owner, now) for k in keys],
+            )
+            for key, (value, owner, claimed_at) in self._rows(keys).items():
+                if value is not None:
+                    continue
+                if owner == self.owner:
+                    mine.add(key)
+                elif _abandoned(owner, claimed_at, now):
+                    self._connection.execute(
+                        "UPDATE calls SET owner = ?, claimed_at = ? WHERE key = ? AND value IS NULL",
+                        (self.owner, now, key),
+                    )
+                    mine.add(key)
+            self._connection.execute("COMMIT")
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        return mine
+
+    def _store(self, values: dict[str, Any]) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._connection.executemany(
+                "UPDATE calls SET value = ?, owner = NULL, computations = computations + 1 WHERE key = ?",
+                [(json.dumps(v, ensure_ascii=False), k) for k, v in values.items()],
+            )
+            self._connection.execute("COMMIT")
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+
+    def _release(self, keys: Sequence[str]) -> None:
+        """Give up claims without an answer (a failure): the rows vanish, nothing is cached."""
+        self._connection.executemany(
+            "DELETE FROM calls WHERE key = ? AND value IS NULL AND owner = ?", [(k, self.owner) for k in keys]
+        )
+
+    # ------------------------------------------------------------------ the one entry point
+
+    def get_or_compute(
+        self,
+        keys: Sequence[str],
+        kind: str,
+        compute: Callable[[list[int]], list[Any | None]],
+        stats: CacheStats | None = None,
+    ) -> list[Any | None]:
+        """Values for every key; `compute(indices)` answers the missing ones (None = failed, not stored)."""
+        stats = stats or CacheStats()
+        results: list[Any | None] = [None] * len(keys)
+        positions: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            positions.setdefault(key, []).append(index)
+        unique = list(positions)
+        known = self.stored(unique)
+        stats.hits += sum(len(positions[k]) for k in known)
+        remaining = [k for k in unique if k not in known]
+        answered = dict(known)
+        while remaining:
+            mine = self._claim(remaining, kind)
+            if mine:
+                ordered = [k for k in remaining if k in mine]
+                try:
+                    values = compute([positions[k][0] for k in ordered])
+                except BaseException:
+                    self._release(ordered)
+                    raise
+                good = {k: v for k, v in zip(ordered, values) if v is not None}
+                self._store(good)
+                self._release([k for k in ordered if k not in good])
+                stats.misses += len(ordered)
+                answered.update(good)
+                for key, value in zip(ordered, values):
+                    if value is None:
+                        answered[key] = None
+            theirs = [k for k in remaining if k not in mine]
+            if theirs:
+                time.sleep(self.poll_seconds)
+                arrived = self.stored(theirs)
+                stats.waited += len(arrived)
+                answered.update(arrived)
+            remaining = [k for k in theirs if k not in answered]
+        for key, indices in positions.items():
+            for index in indices:
+                results[index] = answered.get(key)
+        return results
+
+    def computations(self) -> dict[str, int]:
+        return dict(self._connection.execute("SELECT key, computations FROM calls WHERE value IS NOT NULL"))
+
+
+def _abandoned(owner: str | None, claimed_at: float | None, now: float) -> bool:
+    """A claim is abandoned when its process is gone (same host) or it is very old."""
+    if owner is None or claimed_at is None:
+        return True
+    host, _, rest = owner.partition(":")
+    pid_text = rest.split(":", 1)[0]
+    if host == socket.gethostname() and pid_text.isdigit():
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return now - claimed_at > STALE_CLAIM_SECONDS

@@ -1,0 +1,141 @@
+"""The LLM judge: a rubric prompt per (response, principle) on any backend, a strict 1–10 parse,
+retries for unparseable answers, and probability-weighted scores where the backend gives logprobs.
+
+Every judge prompt starts with the same system message and then the principle's rubric, so an
+engine with prefix caching reuses the shared part across the thousands of ratings of a run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from apm_bench.backends.base import Backend, Generation, GenerationRequest, Message, SamplingParams
+from apm_bench.catalog import Principle
+from apm_bench.judge import SCORE_MAX, SCORE_MIN, Judge, Rating, RatingRequest
+from apm_bench.cache import cache_key
+from apm_bench.sim.style import stable_seed
+
+JUDGE_SYSTEM = (
+    "You are an impartial expert evaluator of writing style. You rate ONLY how strongly an AI "
+    "response exhibits one given principle, ignoring its correctness, helpfulness and every other "
+    f"quality. Use a scale from {SCORE_MIN} (clearly exhibits the opposite of the principle) to "
+    f"{SCORE_MAX} (a perfect example of the principle). Answer with the number only."
+)
+_PRINCIPLE = re.compile(r"<principle name=\"(?P<name>[^\"]+)\">")
+_RESPONSE = re.compile(r"<response>\n(?P<response>.*)\n</response>", re.DOTALL)
+_PROMPT = re.compile(r"<user_message>\n(?P<prompt>.*?)\n</user_message>", re.DOTALL)
+_SCORE = re.compile(r"^\D*?\b(10|[1-9])\b\D*$")
+
+
+class LLMJudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weighted: bool = Field(default=False, description="expected score over the tokens 1..10 from logprobs")
+    retries: int = Field(default=3, ge=0, description="re-asks (with another seed) for unparseable answers")
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=8, ge=1, description="raise for reasoning judges, which think first")
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    top_logprobs: int = Field(default=20, ge=10, le=20)
+
+
+def judge_messages(principle: Principle, prompt: str, response: str) -> tuple[Message, ...]:
+    user = (
+        f"<principle name=\"{principle.id}\">\n{principle.name}: {principle.description}\n"
+        f"Rubric:\n{principle.rubric.strip()}\n</principle>\n\n"
+        f"<user_message>\n{prompt}\n</user_message>\n\n<response>\n{response}\n</response>\n\n"
+        f"How strongly does the response exhibit the principle? Your rating ({SCORE_MIN}-{SCORE_MAX}):"
+    )
+    return (Message("system", JUDGE_SYSTEM), Message("user", user))
+
+
+def parse_judge_messages(messages: Sequence[Message]) -> tuple[str, str, str] | None:
+    """(principle id, user prompt, response) from a judge prompt; how a simulated judge reads it."""
+    text = "\n".join(m.content for m in messages if m.role == "user")
+    principle, prompt, response = _PRINCIPLE.search(text), _PROMPT.search(text), _RESPONSE.search(text)
+    if not (principle and prompt and response):
+        return None
+    return principle.group("name"), prompt.group("prompt"), response.group("response")
+
+
+def parse_score(text: str) -> int | None:
+    """Strict: the answer's last line must hold exactly one integer in 1..10 and no other digits."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    match = _SCORE.match(lines[-1].strip())
+    return int(match.group(1)) if match else None
+
+
+def expected_score(top_logprobs: Sequence[dict[str, float]]) -> float | None:
+    """Expectation over the scores 1..10 from the first answer tokens' distribution.
+
+    Where "10" is two tokens, P(10) = P("1") · P("0" | "1") from the second position, and the
+    rest of P("1") is the score 1. Mass outside the digits is renormalised away.
+    """
+    if not top_logprobs:
+        return None
+    first = {token.strip(): math.exp(lp) for token, lp in top_logprobs[0].items()}
+    mass = {score: first.get(str(score), 0.0) for score in range(SCORE_MIN, SCORE_MAX + 1)}
+    if "10" not in first and len(top_logprobs) > 1 and mass[1] > 0:
+        second = {token.strip(): math.exp(lp) for token, lp in top_logprobs[1].items()}
+        zero = second.get("0", 0.0)
+        mass[10] = mass[1] * zero
+        mass[1] = mass[1] * (1.0 - sum(second.get(str(d), 0.0) for d in range(10)))
+    total = sum(mass.values())
+    if total < 0.5:  # the answer was mostly not a score
+        return None
+    return sum(score * p for score, p in mass.items()) / total
+
+
+class LLMJudge(Judge):
+    def __init__(self, backend: Backend, principles: list[Principle], config: LLMJudgeConfig | None = None) -> None:
+        self.backend = backend
+        self.config = config or LLMJudgeConfig()
+        self._principles = {p.id: p for p in principles}
+        self.name = f"llm-judge:{backend.model}" + (":weighted" if self.config.weighted else "")
+        if self.config.weighted and not backend.capabilities.logprobs:
+            raise ValueError(f"backend {backend.name!r} gives no logprobs; a weighted judge needs them")
+
+    def fingerprint(self) -> str:
+        return cache_key("llm-judge", self.backend.fingerprint(), self.config.model_dump(), JUDGE_SYSTEM)
+
+    def _request(self, rating: RatingRequest, attempt: int) -> GenerationRequest:
+        return GenerationRequest(
+            messages=judge_messages(self._principles[rating.principle], rating.prompt, rating.response),
+            seed=stable_seed("judge", rating.seed, attempt),
+            params=SamplingParams(
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                logprobs=self.config.weighted,
+                top_logprobs=self.config.top_logprobs if self.config.weighted else 0,
+                reasoning_effort=self.config.reasoning_effort,
+            ),
+        )
+
+    def _read(self, generation: Generation) -> float | None:
+        if self.config.weighted:
+            return expected_score(generation.top_logprobs or ())
+        score = parse_score(generation.text)
+        return None if score is None else float(score)
+
+    def rate(self, requests: Sequence[RatingRequest]) -> list[Rating]:
+        scores: list[float | None] = [None] * len(requests)
+        last_answer: list[str] = [""] * len(requests)
+        pending = list(range(len(requests)))
+        for attempt in range(self.config.retries + 1):
+            if not pending:
+                break
+            generations = self.backend.generate([self._request(requests[i], attempt) for i in pending])
+            for index, generation in zip(pending, generations):
+                scores[index] = self._read(generation)
+                last_answer[index] = generation.text
+            pending = [i for i in pending if scores[i] is None]
+        return [
+            Rating(score=s) if s is not None else Rating(score=None, error=f"unparseable judge output: {last_answer[i][:80]!r}")
+            for i, s in enumerate(scores)
+        ]

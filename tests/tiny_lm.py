@@ -1,0 +1,127 @@
+"""A tiny random-weight chat model built on the spot, so engine tests never download anything.
+
+`build_tiny_model(directory)` trains a byte-level BPE tokenizer on generated words, wraps it as a
+transformers tokenizer with a ChatML template, creates a 2-layer Llama with random weights and saves
+both with `save_pretrained`; `AutoTokenizer` / `AutoModelForCausalLM` (and engines such as vLLM that
+read a model folder) load the result like any hub checkpoint. About 0.3 s on two CPU cores.
+
+The outputs are random text: tests check mechanics (batching, seeds, log-probs, adapters, soft
+prompts, gradients), never quality.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+
+HIDDEN_SIZE = 64
+
+# ChatML, plus the `enable_thinking` switch that Qwen-style templates take through chat_template_kwargs,
+# so tests can see template keyword arguments reach the prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+_ONSETS = ["", "b", "br", "c", "ch", "d", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "pl", "qu", "r", "s",
+           "sh", "st", "t", "th", "tr", "v", "w", "z"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "y"]
+_CODAS = ["", "", "n", "r", "s", "t", "ng", "ck", "ll", "m", "nd", "st"]
+
+
+def _corpus(n_words: int = 4000, n_lines: int = 3000, seed: int = 0) -> list[str]:
+    """Lines of made-up words (a few thousand distinct ones) with punctuation and digits."""
+    rng = random.Random(seed)
+    words: set[str] = set()
+    while len(words) < n_words:
+        syllables = rng.randint(1, 3)
+        words.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)))
+    vocabulary = sorted(words)
+    lines = []
+    for _ in range(n_lines):
+        sentence = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(4, 14)))
+        sentence = sentence[0].upper() + sentence[1:] + rng.choice([".", "!", "?", ",", ";"]) + f" {rng.randint(0, 99)}"
+        lines.append(sentence)
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 2500):
+    """A byte-level BPE tokenizer with the special tokens and the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        padding_side="left",  # only the constructor argument is saved
+        model_max_length=512,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Save a tiny random chat model (tokenizer included) into `directory` and return it.
+
+    Generation stops at <|im_end|> (the end of a ChatML turn) or <|eos|>, as Qwen-style configs do.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    pad, bos, eos, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_end|>"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(pad_token_id=pad, bos_token_id=bos, eos_token_id=[im_end, eos])
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_lora_adapter(model_dir: Path, directory: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A LoRA adapter for the tiny model with non-zero random weights (so it changes the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(str(directory))
+    return Path(directory)
