@@ -60,6 +60,9 @@ class CallCache:
     path: Path
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     poll_seconds: float = 0.05
+    #: keys claimed and computed at a time: large enough to batch an engine, small enough that a
+    #: killed run loses little and concurrent runs share the work
+    batch_size: int = field(default_factory=lambda: int(os.environ.get("APM_CACHE_BATCH", "512")))
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -155,33 +158,42 @@ class CallCache:
         remaining = [k for k in unique if k not in known]
         answered = dict(known)
         while remaining:
-            mine = self._claim(remaining, kind)
-            if mine:
-                ordered = [k for k in remaining if k in mine]
-                try:
-                    values = compute([positions[k][0] for k in ordered])
-                except BaseException:
-                    self._release(ordered)
-                    raise
-                good = {k: v for k, v in zip(ordered, values) if v is not None}
-                self._store(good)
-                self._release([k for k in ordered if k not in good])
-                stats.misses += len(ordered)
-                answered.update(good)
-                for key, value in zip(ordered, values):
-                    if value is None:
-                        answered[key] = None
-            theirs = [k for k in remaining if k not in mine]
-            if theirs:
+            computed_any = False
+            for start in range(0, len(remaining), self.batch_size):
+                chunk = [k for k in remaining[start : start + self.batch_size] if k not in answered]
+                mine = self._claim(chunk, kind) if chunk else set()
+                if mine:
+                    ordered = [k for k in chunk if k in mine]
+                    answered.update(self._compute_claimed(ordered, positions, compute, stats))
+                    computed_any = True
+            arrived = self.stored([k for k in remaining if k not in answered])
+            stats.waited += len(arrived)
+            answered.update(arrived)
+            remaining = [k for k in remaining if k not in answered]
+            if remaining and not computed_any:  # the rest is being computed by another live run
                 time.sleep(self.poll_seconds)
-                arrived = self.stored(theirs)
-                stats.waited += len(arrived)
-                answered.update(arrived)
-            remaining = [k for k in theirs if k not in answered]
         for key, indices in positions.items():
             for index in indices:
                 results[index] = answered.get(key)
         return results
+
+    def _compute_claimed(
+        self,
+        ordered: list[str],
+        positions: dict[str, list[int]],
+        compute: Callable[[list[int]], list[Any | None]],
+        stats: CacheStats,
+    ) -> dict[str, Any | None]:
+        try:
+            values = compute([positions[k][0] for k in ordered])
+        except BaseException:
+            self._release(ordered)
+            raise
+        good = {k: v for k, v in zip(ordered, values) if v is not None}
+        self._store(good)
+        self._release([k for k in ordered if k not in good])
+        stats.misses += len(ordered)
+        return dict(zip(ordered, values))
 
     def computations(self) -> dict[str, int]:
         return dict(self._connection.execute("SELECT key, computations FROM calls WHERE value IS NOT NULL"))

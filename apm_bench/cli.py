@@ -57,6 +57,7 @@ def run(
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible server of the judge"),
     judge_weighted: Optional[bool] = typer.Option(None, "--judge-weighted/--judge-sampled", help="probability-weighted judge scores"),
     judge_reasoning_effort: Optional[str] = typer.Option(None, "--judge-reasoning-effort", help="low, medium or high (gpt-oss judges)"),
+    judge_max_tokens: Optional[int] = typer.Option(None, "--judge-max-tokens", help="answer budget of the LLM judge (raise for reasoning judges)"),
     candidate_model: Optional[str] = typer.Option(None, "--candidate-model", help="model writing the 2P candidates (default sim-large)"),
     writer_model: Optional[str] = typer.Option(None, "--writer-model", help="'sim' or a model that rewrites prompts into histories"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="call cache file (default .apm-cache/calls.sqlite)"),
@@ -91,6 +92,7 @@ def run(
         "judge_url": judge_url,
         "judge_weighted": judge_weighted,
         "judge_reasoning_effort": judge_reasoning_effort,
+        "judge_max_tokens": judge_max_tokens,
         "candidate_model": candidate_model,
         "writer_model": writer_model,
         "cache": cache,
@@ -181,6 +183,20 @@ def models() -> None:
 def _fail(message: str, code: int) -> None:
     print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(code)
+
+
+@app.command("serve-sim")
+def serve_sim(
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    judge_noise: float = typer.Option(0.75, "--judge-noise", help="rating noise of the sim-judge model"),
+    judge_bias: float = typer.Option(0.0, "--judge-bias", help="added to every sim-judge score"),
+) -> None:
+    """Serve the simulator over an OpenAI-compatible API (/v1/models, /v1/chat/completions)."""
+    from apm_bench.serve import run_server
+    from apm_bench.sim.judge import SimJudgeConfig
+
+    run_server(host=host, port=port, judge_config=SimJudgeConfig(noise=judge_noise, bias=judge_bias))
 
 
 judge_app = typer.Typer(no_args_is_help=True, help="Judge diagnostics (the paper's judge study).")

@@ -63,12 +63,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def sim_url() -> Iterator[str]:
+def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
+    log_path = tmp_path_factory.mktemp("serve-sim") / "server.log"
+    log = log_path.open("wb")  # a file, not a pipe: a chatty server can never block on a full pipe
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER_CODE, str(port), JUDGE_CONFIG.model_dump_json()],
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/v1"
@@ -76,7 +78,7 @@ def sim_url() -> Iterator[str]:
         deadline = time.monotonic() + STARTUP_S
         while True:
             if process.poll() is not None:
-                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                output = log_path.read_text(errors="replace")
                 pytest.fail(f"serve-sim exited with {process.returncode}:\n{output[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/models", timeout=1) as answer:
@@ -95,6 +97,7 @@ def sim_url() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+        log.close()
 
 
 def varied_requests(catalog: Catalog, count: int = 20) -> list[GenerationRequest]:

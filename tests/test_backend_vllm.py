@@ -137,6 +137,8 @@ def test_embeds_prompt_puts_soft_tokens_first() -> None:
     assert embeds.dtype == torch.float32
     assert torch.equal(embeds[:2], torch.full((2, 4), -1.0))
     assert torch.equal(embeds[2:], tokens)
+    trained = torch.ones(1, 4, requires_grad=True)  # a trainable soft prompt is detached, not rejected
+    assert torch.equal(vb.embeds_prompt(tokens, SoftPrompt(trained))[0], torch.ones(4))
 
 
 def test_embeds_prompt_rejects_wrong_shapes() -> None:
@@ -153,6 +155,8 @@ def test_embedding_tensor_name_picks_the_language_model_matrix() -> None:
     )
     multimodal = ["model.visual.patch_embed.proj.weight", "model.language_model.embed_tokens.weight", "mtp.embed_tokens.weight"]
     assert vb.embedding_tensor_name(multimodal) == "model.language_model.embed_tokens.weight"
+    two_decoders = ["model.speech_decoder.embed_tokens.weight", "model.language_model.embed_tokens.weight"]
+    assert vb.embedding_tensor_name(two_decoders) == "model.language_model.embed_tokens.weight"
     with pytest.raises(ConfigError, match="token-embedding"):
         vb.embedding_tensor_name(["lm_head.weight"])
 
@@ -384,9 +388,11 @@ def test_generate_batches_plain_and_soft_prompts_with_per_prompt_adapters(tmp_pa
 
 def test_generate_without_adapters_passes_no_lora_request() -> None:
     backend, llm = _fake_backend()
-    backend.generate([_request("x"), _request("y", temperature=0.0)])
+    empty_soft = SoftPrompt(np.zeros((0, 4)))  # no rows: a plain prompt, as on the hf backend
+    backend.generate([_request("x"), _request("y", temperature=0.0, soft=empty_soft)])
     (call,) = llm.calls
     assert call["lora"] is None
+    assert all("prompt_token_ids" in p for p in call["prompts"])
     assert [s.kwargs["temperature"] for s in call["sampling"]] == [1.0, 0.0]
 
 

@@ -16,6 +16,7 @@ apm_bench stays fast.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -79,7 +80,7 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"hf engine option batch_size must be a positive integer, got {batch_size!r}")
     device = options.get("device", "cpu")
-    if not isinstance(device, str) or not device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"):
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
         raise ConfigError(f"hf engine option device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return {"chat_template_kwargs": dict(kwargs), "dtype": dtype, "batch_size": batch_size, "device": device}
 
@@ -179,6 +180,8 @@ class HFBackend(Backend):
         self.dtype_name: str = checked["dtype"]
         self.dtype = getattr(torch, self.dtype_name)
         self.device = torch.device(checked["device"])
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"hf engine option device={checked['device']!r}, but torch sees no CUDA device")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             lm = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
@@ -207,6 +210,7 @@ class HFBackend(Backend):
         lm.generation_config = GenerationConfig(
             pad_token_id=self.pad_id, eos_token_id=list(self.stop_ids), bos_token_id=lm.generation_config.bos_token_id
         )
+        self._keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
         self.lm = lm
         self.hidden_size: int = lm.get_input_embeddings().embedding_dim
         self._adapters: dict[str, tuple[str | None, bool]] = {}  # name -> (path, trainable)
@@ -238,7 +242,7 @@ class HFBackend(Backend):
             _check_params(request.params)
         prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
         results: list[HFGeneration | None] = [None] * len(requests)
-        was_training = self.lm.training
+        modes = [(m, m.training) for m in self.lm.modules()]  # training code may have set some to train
         self.lm.eval()
         try:
             with torch.no_grad():
@@ -251,7 +255,8 @@ class HFBackend(Backend):
                             for row, output in zip(rows, self._generate_batch(rows)):
                                 results[row.index] = output
         finally:
-            self.lm.train(was_training)
+            for module, training in modes:
+                module.training = training
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, rows: Sequence[_Prepared]) -> list[HFGeneration]:
@@ -378,7 +383,8 @@ class HFBackend(Backend):
         inputs = self._batch_inputs(rows, targets)
         mask = inputs["attention_mask"]
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        output = self.lm(**inputs, position_ids=position_ids, use_cache=False, logits_to_keep=width + 1)
+        keep = {"logits_to_keep": width + 1} if self._keeps_logits else {}
+        output = self.lm(**inputs, position_ids=position_ids, use_cache=False, **keep)
         logits = output.logits[:, -(width + 1) : -1].float()  # the positions that predict the responses
         # responses are right-aligned (left padding): row b's tokens fill the last len(target) slots
         wanted = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)

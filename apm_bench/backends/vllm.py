@@ -292,6 +292,12 @@ def render_prompt_ids(tokenizer: Any, messages: Sequence[Message], chat_kwargs: 
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def has_soft_prompt(request: GenerationRequest) -> bool:
+    """Whether a request carries soft-prompt rows (an empty (0, hidden) soft prompt counts as none)."""
+    soft = request.soft_prompt
+    return soft is not None and not (np.ndim(soft.embeddings) == 2 and len(soft.embeddings) == 0)
+
+
 def embeds_prompt(prompt_token_embeddings: Any, soft_prompt: SoftPrompt | np.ndarray) -> Any:
     """The prompt as embeddings for vLLM: the m soft vectors first, then the prompt tokens' rows.
 
@@ -302,7 +308,10 @@ def embeds_prompt(prompt_token_embeddings: Any, soft_prompt: SoftPrompt | np.nda
 
     tokens = torch.as_tensor(prompt_token_embeddings)
     soft_values = soft_prompt.embeddings if isinstance(soft_prompt, SoftPrompt) else soft_prompt
-    soft = torch.as_tensor(np.asarray(soft_values))
+    if isinstance(soft_values, torch.Tensor):  # e.g. a trainable tensor from the hf backend
+        soft = soft_values.detach().cpu()
+    else:
+        soft = torch.as_tensor(np.asarray(soft_values))
     if tokens.ndim != 2:
         raise ConfigError(f"prompt embeddings must have shape (seq_len, hidden), got {tuple(tokens.shape)}")
     if soft.ndim != 2 or soft.shape[0] == 0:
@@ -592,7 +601,7 @@ class VLLMBackend(Backend):
                     f"adapter {adapter.name!r} has rank {rank} but the vllm engine's max_lora_rank is {max_rank}; "
                     f"set max_lora_rank to one of {', '.join(str(r) for r in LORA_RANKS if r >= rank)}"
                 )
-        if any(r.soft_prompt is not None for r in requests) and not kwargs.get("enable_prompt_embeds"):
+        if any(has_soft_prompt(r) for r in requests) and not kwargs.get("enable_prompt_embeds"):
             raise ConfigError("soft prompts on the vllm backend need the engine option enable_prompt_embeds: true")
         max_logprobs = kwargs.get("max_logprobs", 20)  # vLLM's ModelConfig default
         wanted = max((logprobs_count(r) or 0 for r in requests), default=0)
@@ -622,8 +631,8 @@ class VLLMBackend(Backend):
         sampling = [self._api.SamplingParams(**sampling_kwargs(r)) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
 
-        plain = [i for i, r in enumerate(requests) if r.soft_prompt is None]
-        soft = [i for i, r in enumerate(requests) if r.soft_prompt is not None]
+        soft = [i for i, r in enumerate(requests) if has_soft_prompt(r)]
+        plain = [i for i in range(len(requests)) if i not in set(soft)]
         if plain:
             prompts = [{"prompt_token_ids": prompt_ids[i]} for i in plain]  # vllm.inputs.TokensPrompt
             self._run(requests, plain, prompts, sampling, specs, [len(prompt_ids[i]) for i in plain], results)
