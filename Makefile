@@ -17,7 +17,7 @@ run: setup
 	$(BIN)/apm run --method routing
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu

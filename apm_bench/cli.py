@@ -76,6 +76,7 @@ def run(
     personas: Optional[Path] = typer.Option(None, "--personas", help="folder with attributes.yaml and seeds.yaml"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="neutral prompt file (JSONL or Parquet)"),
     conversations: Optional[Path] = typer.Option(None, "--conversations", help="users in the APM reference JSONL format"),
+    summaries: Optional[Path] = typer.Option(None, "--summaries", help="popi: reuse summaries from a run's samples.parquet (or JSONL)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options (CLI options win)"),
     out: Optional[Path] = typer.Option(None, help="where run folders go (default results/runs)"),
 ) -> None:
@@ -115,6 +116,9 @@ def run(
     run_config = load_config(config, overrides)
     if no_cache:
         run_config = run_config.model_copy(update={"cache": None})
+    if summaries is not None:
+        options = {**run_config.method_options, "popi": {**run_config.method_options.get("popi", {}), "summaries_file": summaries}}
+        run_config = run_config.model_copy(update={"method_options": options})
 
     from apm_bench.results import write_run
     from apm_bench.runner import run_benchmark

@@ -48,7 +48,7 @@ class RunConfig(BaseModel):
     mapping: MappingKind = "permutation"
     n_perm: int = Field(default=1, ge=1, description="overlaid signed permutations in C")
     max_targets: int | None = Field(default=None, ge=1, description="keep only the largest |r| entries as targets")
-    history_len: int = Field(default=4, ge=0, description="past messages per user")
+    history_len: int = Field(default=8, ge=0, description="past messages per user")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     label_strategy: list[str] = Field(default_factory=lambda: ["margin"], min_length=1)

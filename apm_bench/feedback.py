@@ -10,6 +10,7 @@ import numpy as np
 
 from apm_bench.candidates import Candidate, CandidateBank
 from apm_bench.errors import InformationBarrierError
+from apm_bench.judge import RatingRequest
 from apm_bench.reward import weighted_reward
 from apm_bench.users import Target
 
@@ -43,6 +44,18 @@ class FeedbackOracle:
         index = self._bank.labels.index(candidate.label)
         ratings = [self._bank.rating(user_id, index, t.principle) for t in targets]
         return weighted_reward(targets, ratings).value
+
+    def score_responses(self, user_ids: list[str], prompts: list[str], responses: list[str], seed: int = 0) -> list[float | None]:
+        """Weighted scores of arbitrary responses (e.g. written under a candidate summary), judged now."""
+        targets = [self._check(uid) for uid in user_ids]
+        requests = [
+            RatingRequest(prompt=p, response=r, principle=t.principle, seed=seed)
+            for p, r, user_targets in zip(prompts, responses, targets)
+            for t in user_targets
+        ]
+        ratings = iter(self._bank.judge.rate(requests))
+        self.calls += len(user_ids)
+        return [weighted_reward(user_targets, [next(ratings) for _ in user_targets]).value for user_targets in targets]
 
     def scores(self, user_id: str) -> np.ndarray:
         """Scores of all 2P candidates in label order, NaN where unscorable."""

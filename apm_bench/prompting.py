@@ -40,3 +40,19 @@ def example_block(prompt: str, best: str, worst: str | None) -> str:
     if worst is not None:
         parts.append(f"<{WORST_TAG}>{worst}</{WORST_TAG}>")
     return "\n".join(parts) + "\n</example>"
+
+
+SUMMARIZE_INSTRUCTION = (
+    "Read the earlier messages of a user below and write a short summary (one to three sentences) "
+    "of how this user would like answers to be written. Reply with the summary only."
+)
+
+
+def summarize_messages(history: list[str]) -> tuple[str, str]:
+    """(system, user) contents of the request that asks for a preference summary (POPI)."""
+    return SUMMARIZE_INSTRUCTION, history_block(history) if history else "(no earlier messages)"
+
+
+def summary_context(summary: str) -> str:
+    """The generator sees the summary only, never the history it came from."""
+    return f"What we know about this user's preferences: {summary.strip()}\nAnswer their message accordingly."

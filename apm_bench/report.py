@@ -47,12 +47,27 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
         f"· control {config.control or 'none'} · population {result.population_source} · {wall_seconds:.1f} s",
         f"Baseline mean reward (pooled): {baseline.mean_reward:.3f}" if baseline else "",
         "## Pooled over worlds\n\nΔ = mean over test users of R(method) − R(baseline); CI: seeded "
-        "bootstrap over users, stratified by world; gain = Δ / Δ(oracle).\n\n" + metrics_table(pooled),
+        "bootstrap resampling worlds and the users within them; gain = Δ / Δ(oracle).\n\n" + metrics_table(pooled),
         "![Δ score per method](delta.png)",
         "## Per world\n\n" + metrics_table(per_world),
+        summaries_section(result.samples),
         "## Cost\n\n| stage | counts |\n|---|---|\n" + costs,
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def summaries_section(samples) -> str:  # type: ignore[no-untyped-def]
+    """Methods that condition on a summary instead of the history: how much context they save."""
+    if "summary" not in samples.columns or samples["summary"].isna().all():
+        return ""
+    lines = ["## Preference summaries", "", "| method | mean history tokens | mean summary tokens | context reduction |", "|---|---:|---:|---:|"]
+    for method, rows in samples.dropna(subset=["summary"]).groupby("method", sort=False):
+        history = rows["history_tokens"].mean()
+        summary = rows["summary"].map(lambda s: len(s.split())).mean()
+        lines.append(f"| {method} | {history:.1f} | {summary:.1f} | {history / max(summary, 1e-9):.1f}× |")
+    example = samples.dropna(subset=["summary"]).iloc[0]
+    lines += ["", f"Example ({example['method']}, user {example['user_id']}): “{example['summary']}”"]
+    return "\n".join(lines)
 
 
 def plot_deltas(metrics: list[MethodMetrics], path: Path) -> None:

@@ -294,6 +294,8 @@ def _evaluate(
                 "method": variant.label,
                 "prompt": prompt,
                 "system_prompt": system,
+                "history_tokens": sum(len(m.split()) for m in user.history),
+                "summary": personalization.notes.get("summary"),
                 "response": generation.text,
                 "targets": [t.model_dump() for t in targets],
                 "ratings": [r.score for r in user_ratings],

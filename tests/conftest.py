@@ -25,3 +25,19 @@ def embedder() -> HistoryEmbedder:
 def pytest_configure(config: pytest.Config) -> None:
     """In-process runs cache into a fresh folder per test session, never into the checkout."""
     os.environ["APM_CACHE"] = str(Path(tempfile.mkdtemp(prefix="apm-test-cache-")) / "calls.sqlite")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests are collected everywhere and skipped, with the reason, where there is no GPU."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (the gpu suite: `make test-gpu`); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -38,14 +38,15 @@ def test_bootstrap_is_seeded_and_covers_the_mean() -> None:
     assert bootstrap_ci(np.full(10, 2.0), seed=0) == (2.0, 2.0)
 
 
-def test_stratified_bootstrap_keeps_world_sizes() -> None:
-    # Two worlds with very different means: stratified resamples keep the 50/50 mix, so the CI is narrow.
+def test_pooled_bootstrap_resamples_worlds_too() -> None:
+    """Two worlds that disagree: the interval must show that the result depends on the draw of C."""
     values = np.concatenate([np.zeros(100), np.full(100, 10.0)])
     strata = np.repeat([0, 1], 100)
     low, high = bootstrap_ci(values, seed=0, strata=strata)
-    assert low == pytest.approx(5.0) and high == pytest.approx(5.0)
-    unstratified = bootstrap_ci(values, seed=0)
-    assert unstratified[1] - unstratified[0] > 1.0
+    assert low == pytest.approx(0.0) and high == pytest.approx(10.0)
+    agreeing = np.random.default_rng(1).normal(2.0, 1.0, size=200)
+    narrow = bootstrap_ci(agreeing, seed=0, strata=strata)
+    assert narrow[0] > 1.5 and narrow[1] < 2.5  # worlds that agree keep a tight interval
 
 
 def _samples() -> pd.DataFrame:

@@ -11,11 +11,13 @@ from apm_bench.backends.base import Backend, Capabilities, Generation, Generatio
 from apm_bench.cache import cache_key
 from apm_bench.catalog import Catalog
 from apm_bench.sim.policy import SimPolicy, SimProfile
+from apm_bench.prompting import SUMMARIZE_INSTRUCTION
 from apm_bench.sim.reader import ContextReader
+from apm_bench.sim.summarizer import SimSummarizer
 from apm_bench.sim.style import StyleCodec, stable_seed
 
 
-SIM_VERSION = "1"  # bump when the simulator's behaviour changes, so old cache entries are not reused
+SIM_VERSION = "3"  # bump when the simulator's behaviour changes, so old cache entries are not reused
 
 
 class SimBackend(Backend):
@@ -34,6 +36,7 @@ class SimBackend(Backend):
         self.codec = StyleCodec(catalog.principles)
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
         self.policy = SimPolicy(profile, catalog.principles, catalog.attributes, self.reader.width, seed=seed)
+        self.summarizer = SimSummarizer(catalog.principles, catalog.attributes)
 
     def fingerprint(self) -> str:
         """The simulator's answers depend on its profile, the catalog pool and its own version."""
@@ -58,7 +61,74 @@ class SimBackend(Backend):
         has_soft = any(s is not None for s in soft)
         return self.policy.push(features, adapters if has_adapter else None, soft if has_soft else None)
 
+    # ------------------------------------------------------------------ summaries (POPI)
+
+    @staticmethod
+    def is_summary_request(request: GenerationRequest) -> bool:
+        return any(m.role == "system" and m.content.startswith(SUMMARIZE_INSTRUCTION) for m in request.messages)
+
+    def _summary_log_probs(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        evidence = np.stack([self.reader.attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
+        adapters = [r.adapter.name if r.adapter else None for r in requests]
+        for name in {a for a in adapters if a is not None} - set(self.summarizer.adapters):
+            raise KeyError(f"summarizer adapter {name!r} is not loaded")
+        return self.summarizer.log_probs(self.summarizer.features(evidence), adapters)
+
+    def _summaries(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        with torch.no_grad():
+            log_probs = self._summary_log_probs(requests)
+        generations = []
+        for request, row in zip(requests, log_probs):
+            rng = np.random.default_rng(stable_seed("sim-summary", request.seed))
+            text = self.summarizer.sample(row, request.params.temperature, rng)
+            logprob = float(self.summarizer.summary_log_prob(row, text)) if request.params.logprobs else None
+            generations.append(Generation(text, logprob, sum(len(m.content.split()) for m in request.messages), len(text.split())))
+        return generations
+
+    # ------------------------------------------------------------------ training interface
+
+    def add_adapter(self, name: str, kind: str = "style", rank: int = 4, seed: int = 0) -> list[torch.nn.Parameter]:
+        """A new zero-initialised adapter of the style policy or of the summarizer; returns its parameters."""
+        if kind == "summarizer":
+            return [self.summarizer.add_adapter(name)]
+        return list(self.policy.add_adapter(name, rank=rank, seed=seed).parameters())
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        if name in self.summarizer.adapters:
+            return [self.summarizer.adapters[name]]
+        return list(self.policy.adapters[name].parameters())
+
+    def sequence_logprob(self, requests: Sequence[GenerationRequest], responses: Sequence[str]) -> torch.Tensor:
+        """log π(response | request) with gradients: a summary's statements, or a response's style vector."""
+        rows = []
+        summary_rows = [i for i, r in enumerate(requests) if self.is_summary_request(r)]
+        other_rows = [i for i in range(len(requests)) if i not in set(summary_rows)]
+        values: dict[int, torch.Tensor] = {}
+        if summary_rows:
+            log_probs = self._summary_log_probs([requests[i] for i in summary_rows])
+            for i, row in zip(summary_rows, log_probs):
+                values[i] = self.summarizer.summary_log_prob(row, responses[i])
+        if other_rows:
+            subset = [requests[i] for i in other_rows]
+            styles = torch.as_tensor(np.stack([self.codec.levels(responses[i]) for i in other_rows]))
+            temperatures = torch.tensor([r.params.temperature for r in subset], dtype=torch.float32)
+            for i, value in zip(other_rows, self.policy.style_log_prob(self.push_for(subset), styles, temperatures)):
+                values[i] = value
+        rows = [values[i] for i in range(len(requests))]
+        return torch.stack(rows) if rows else torch.zeros(0)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        if not requests:
+            return []
+        summary_rows = [i for i, r in enumerate(requests) if self.is_summary_request(r)]
+        if summary_rows:
+            ordinary = [i for i in range(len(requests)) if i not in set(summary_rows)]
+            results: dict[int, Generation] = dict(zip(summary_rows, self._summaries([requests[i] for i in summary_rows])))
+            results.update(zip(ordinary, self._respond([requests[i] for i in ordinary])))
+            return [results[i] for i in range(len(requests))]
+        return self._respond(requests)
+
+    def _respond(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         if not requests:
             return []
         with torch.no_grad():

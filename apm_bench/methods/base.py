@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -47,6 +47,8 @@ class Personalization:
     messages: tuple[Message, ...]
     adapter: AdapterRef | None = None
     soft_prompt: SoftPrompt | None = None
+    #: what the method wants recorded with the sample, e.g. {"summary": ...}
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

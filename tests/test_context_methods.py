@@ -1,0 +1,128 @@
+"""RAG and POPI on the simulator: they help for the right reasons, and fail where they should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apm_bench.config import RunConfig
+from apm_bench.embed import HistoryEmbedder
+from apm_bench.engines import build_engines
+from apm_bench.methods.base import FitContext, FitUser
+from apm_bench.methods.rag import Rag
+from apm_bench.candidates import CandidateBank
+from apm_bench.feedback import FeedbackOracle
+from apm_bench.runner import load_pool_catalog, load_population, run_benchmark
+from apm_bench.world import build_world
+
+
+def _pooled(result, method: str):  # type: ignore[no-untyped-def]
+    return next(m for m in result.metrics if m.method == method and m.world == "pooled")
+
+
+def test_rag_retrieves_users_like_the_query_user(embedder: HistoryEmbedder) -> None:
+    config = RunConfig(worlds=[0])
+    catalog = load_pool_catalog(config)
+    engines = build_engines(config, catalog, embedder)
+    population = load_population(config, catalog, engines.history_writer)
+    world = build_world(population, catalog, 0, validation_fraction=0.1, test_fraction=0.25)
+    fit_ids = world.split.train + world.split.validation
+    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog)
+    bank.ensure({u: world.users[u].prompt for u in fit_ids})
+    context = FitContext(
+        [FitUser(u, tuple(world.users[u].history), world.users[u].prompt) for u in world.split.train], [],
+        FeedbackOracle(bank, {u: world.targets[u] for u in fit_ids}), engines.generator, embedder, list(catalog.principles), 0,
+    )
+    label = {u.id: (u.attributes[0].attribute, u.attributes[0].side) for u in population.users}
+    agreement = {}
+    for mode in ("nearest", "random"):
+        rag = Rag(neighbours=mode, k=5)
+        rag.fit(context)
+        found = rag.neighbours([world.users[u].history for u in world.split.test])
+        agreement[mode] = np.mean([label[n] == label[u] for u, row in zip(world.split.test, found) for n in row])
+    assert agreement["nearest"] > 2 * agreement["random"]
+    engines.close()
+
+
+@pytest.fixture(scope="module")
+def rag_runs(embedder: HistoryEmbedder) -> dict[str, object]:
+    runs = {}
+    for model in ("sim-large", "sim-small"):
+        runs[model] = run_benchmark(RunConfig(methods=["rag"], model=model, worlds=list(range(6))), embedder=embedder)
+    runs["random"] = run_benchmark(RunConfig(methods=["rag"], worlds=list(range(6)),
+                                             method_options={"rag": {"neighbours": "random"}}), embedder=embedder)
+    return runs
+
+
+def test_rag_helps_the_model_that_imitates_examples(rag_runs: dict) -> None:
+    large, small = _pooled(rag_runs["sim-large"], "rag"), _pooled(rag_runs["sim-small"], "rag")
+    assert large.delta > 0 and large.ci_low > 0
+    assert large.delta > small.delta + 0.1
+
+
+def test_rag_with_random_neighbours_loses_its_gain(rag_runs: dict) -> None:
+    real, random = _pooled(rag_runs["sim-large"], "rag"), _pooled(rag_runs["random"], "rag")
+    assert random.ci_low < 0 < random.ci_high or random.delta < real.delta / 3
+    assert real.delta > random.delta + 0.1
+
+
+@pytest.fixture(scope="module")
+def popi_run(embedder: HistoryEmbedder):  # type: ignore[no-untyped-def]
+    return run_benchmark(RunConfig(methods=["popi", "popi-untrained"]), embedder=embedder)
+
+
+def test_optimised_summaries_beat_untrained_ones(popi_run) -> None:  # type: ignore[no-untyped-def]
+    optimised, untrained = _pooled(popi_run, "popi"), _pooled(popi_run, "popi-untrained")
+    assert optimised.delta > 0
+    assert optimised.delta > untrained.delta + 0.1
+    samples = popi_run.samples
+    summaries = samples[samples["method"] == "popi"]["summary"]
+    assert summaries.notna().all() and (summaries.str.len() > 10).all()
+    baseline = samples[samples["method"] == "baseline"]["summary"]
+    assert len(baseline) > 0 and baseline.isna().all()
+
+
+def test_summaries_only_see_the_history(embedder: HistoryEmbedder) -> None:
+    """With no history, the summarizer knows nothing about the user: the gain must vanish."""
+    result = run_benchmark(RunConfig(methods=["popi"], control="no-history"), embedder=embedder)
+    popi = _pooled(result, "popi")
+    assert popi.ci_low < 0 < popi.ci_high
+    assert result.samples[result.samples["method"] == "popi"]["summary"].nunique() < 12
+
+
+def test_summaries_transfer_to_another_generator(popi_run, tmp_path: Path, embedder: HistoryEmbedder) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "samples.parquet"
+    popi_run.samples.to_parquet(path)
+    reused = run_benchmark(RunConfig(methods=["popi"], model="sim-small",
+                                     method_options={"popi": {"summaries_file": str(path)}}), embedder=embedder)
+    transferred = _pooled(reused, "popi")
+    assert transferred.delta > 0
+    original = popi_run.samples[popi_run.samples["method"] == "popi"].set_index(["world", "user_id"])["summary"]
+    used = reused.samples[reused.samples["method"] == "popi"].set_index(["world", "user_id"])["summary"]
+    assert used.equals(original.loc[used.index])
+
+
+def test_popi_training_really_ran(embedder: HistoryEmbedder) -> None:
+    from apm_bench.methods.popi import Popi
+
+    config = RunConfig(worlds=[0])
+    catalog = load_pool_catalog(config)
+    engines = build_engines(config, catalog, embedder)
+    population = load_population(config, catalog, engines.history_writer)
+    world = build_world(population, catalog, 0, validation_fraction=0.1, test_fraction=0.25)
+    fit_ids = world.split.train + world.split.validation
+    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog)
+    bank.ensure({u: world.users[u].prompt for u in fit_ids})
+    context = FitContext(
+        [FitUser(u, tuple(world.users[u].history), world.users[u].prompt) for u in world.split.train], [],
+        FeedbackOracle(bank, {u: world.targets[u] for u in fit_ids}), engines.generator, embedder, list(catalog.principles), 0,
+    )
+    popi = Popi(epochs=10)
+    popi.fit(context)
+    assert popi.training is not None and popi.training.steps > 0 and popi.adapter is not None
+    assert np.mean(popi.training.losses[-5:]) < np.mean(popi.training.losses[:5])
+    weights = engines.generator.adapter_parameters(popi.adapter.name)[0]
+    assert float(weights.abs().sum()) > 0
+    engines.close()
