@@ -89,7 +89,14 @@ def test_summaries_only_see_the_history(embedder: HistoryEmbedder) -> None:
     result = run_benchmark(RunConfig(methods=["popi"], control="no-history"), embedder=embedder)
     popi = _pooled(result, "popi")
     assert popi.ci_low < 0 < popi.ci_high
-    assert result.samples[result.samples["method"] == "popi"]["summary"].nunique() < 12
+    # what the summaries say about attributes is unrelated to the users' real attributes
+    rows = result.samples[result.samples["method"] == "popi"]
+    catalog = load_pool_catalog(RunConfig())
+    names = {a.id: a.name.lower() for a in catalog.attributes}
+    _, population = None, load_population(RunConfig(), catalog)
+    truth = {u.id: names[u.attributes[0].attribute] for u in population.users}
+    mentions = [truth[u] in s for u, s in zip(rows["user_id"], rows["summary"])]
+    assert np.mean(mentions) < 0.25
 
 
 def test_summaries_transfer_to_another_generator(popi_run, tmp_path: Path, embedder: HistoryEmbedder) -> None:  # type: ignore[no-untyped-def]

@@ -46,6 +46,7 @@ class PopiOptions(MethodOptions):
     responses_per_summary: int = Field(default=4, ge=1, description="responses averaged to score one summary")
     temperature: float = Field(default=0.7, gt=0, description="sampling temperature of test users' summaries")
     summaries_file: Path | None = Field(default=None, description="reuse summaries (samples.parquet of a run, or JSONL)")
+    summaries_method: str = Field(default="popi", description="which method's summaries to take from a samples file")
 
 
 def summary_request(
@@ -60,8 +61,8 @@ def summary_request(
     )
 
 
-def load_summaries(path: Path) -> dict[tuple[int | None, str], str]:
-    """(world or None, user id) → summary, from a run's samples.parquet or a JSONL file."""
+def load_summaries(path: Path, method: str = "popi") -> dict[tuple[int | None, str], str]:
+    """(world or None, user id) → summary, from a run's samples.parquet (rows of `method`) or JSONL."""
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"summaries file not found: {path}")
@@ -72,6 +73,10 @@ def load_summaries(path: Path) -> dict[tuple[int | None, str], str]:
         if "summary" not in frame.columns:
             raise PromptFileError(f"{path} has no 'summary' column (is it a run with popi?)")
         frame = frame.dropna(subset=["summary"])
+        if "method" in frame.columns:
+            frame = frame[frame["method"] == method]
+        if frame.empty:
+            raise PromptFileError(f"{path} has no summaries written by method {method!r}")
         return {(int(r.world), str(r.user_id)): str(r.summary) for r in frame.itertuples()}
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     try:
@@ -112,7 +117,7 @@ class Popi(Personalizer):
     def fit(self, context: FitContext) -> None:
         self._generator, self._embedder, self._world = context.generator, context.embedder, context.seed
         if self.options.summaries_file is not None:
-            self._reused = load_summaries(self.options.summaries_file)
+            self._reused = load_summaries(self.options.summaries_file, self.options.summaries_method)
             return
         if self.options.mode == "untrained":
             return
