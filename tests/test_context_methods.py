@@ -22,7 +22,8 @@ def _pooled(result, method: str):  # type: ignore[no-untyped-def]
     return next(m for m in result.metrics if m.method == method and m.world == "pooled")
 
 
-def test_rag_retrieves_users_like_the_query_user(embedder: HistoryEmbedder) -> None:
+def _world_zero(embedder: HistoryEmbedder):  # type: ignore[no-untyped-def]
+    """Engines, population, world 0 and the fit context a method would be handed in it."""
     config = RunConfig(worlds=[0])
     catalog = load_pool_catalog(config)
     engines = build_engines(config, catalog, embedder)
@@ -35,6 +36,11 @@ def test_rag_retrieves_users_like_the_query_user(embedder: HistoryEmbedder) -> N
         [FitUser(u, tuple(world.users[u].history), world.users[u].prompt) for u in world.split.train], [],
         FeedbackOracle(bank, {u: world.targets[u] for u in fit_ids}), engines.generator, embedder, list(catalog.principles), 0,
     )
+    return engines, population, world, context
+
+
+def test_rag_retrieves_users_like_the_query_user(embedder: HistoryEmbedder) -> None:
+    engines, population, world, context = _world_zero(embedder)
     label = {u.id: (u.attributes[0].attribute, u.attributes[0].side) for u in population.users}
     agreement = {}
     for mode in ("nearest", "random"):
@@ -114,18 +120,7 @@ def test_summaries_transfer_to_another_generator(popi_run, tmp_path: Path, embed
 def test_popi_training_really_ran(embedder: HistoryEmbedder) -> None:
     from apm_bench.methods.popi import Popi
 
-    config = RunConfig(worlds=[0])
-    catalog = load_pool_catalog(config)
-    engines = build_engines(config, catalog, embedder)
-    population = load_population(config, catalog, engines.history_writer)
-    world = build_world(population, catalog, 0, validation_fraction=0.1, test_fraction=0.25)
-    fit_ids = world.split.train + world.split.validation
-    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog)
-    bank.ensure({u: world.users[u].prompt for u in fit_ids})
-    context = FitContext(
-        [FitUser(u, tuple(world.users[u].history), world.users[u].prompt) for u in world.split.train], [],
-        FeedbackOracle(bank, {u: world.targets[u] for u in fit_ids}), engines.generator, embedder, list(catalog.principles), 0,
-    )
+    engines, population, world, context = _world_zero(embedder)
     popi = Popi(epochs=10)
     popi.fit(context)
     assert popi.training is not None and popi.training.steps > 0 and popi.adapter is not None
