@@ -146,8 +146,12 @@ def test_same_seed_same_metrics_other_seed_other_world(embedder: HistoryEmbedder
 def test_failed_judge_ratings_are_counted(embedder: HistoryEmbedder) -> None:
     result = run_benchmark(RunConfig(methods=["history"], worlds=[0], judge={"failure_rate": 0.2}, **SMALL), embedder=embedder)
     history = _pooled(result, "history")
+    rows = result.samples[result.samples["method"] == "history"]
     assert history.failed_ratings > 0
-    assert result.samples["reward"].notna().all() or history.unscorable_users > 0
+    assert history.failed_ratings == int(rows["failed_ratings"].sum())  # every failure is reported
+    all_failed = rows["failed_ratings"] == rows["targets"].map(len)
+    assert rows.loc[all_failed, "reward"].isna().all()  # never scored as 0
+    assert history.unscorable_users == int((rows["reward"].isna() | rows["baseline_reward"].isna()).sum())
 
 
 @pytest.fixture(scope="module")
