@@ -108,8 +108,14 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _stored(cache: Path) -> int:
-    with sqlite3.connect(cache, timeout=30) as connection:
-        return connection.execute("SELECT COUNT(*) FROM calls WHERE value IS NOT NULL").fetchone()[0]
+    """Stored answers; 0 while the run that creates the file has not created its table yet."""
+    try:
+        with sqlite3.connect(cache, timeout=30) as connection:
+            return connection.execute("SELECT COUNT(*) FROM calls WHERE value IS NOT NULL").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return 0
+        raise
 
 
 def _max_computations(cache: Path) -> int:
