@@ -65,6 +65,7 @@ class RunConfig(BaseModel):
     bootstrap_resamples: int = Field(default=2000, ge=100)
     bootstrap_seed: int = 0
     out: Path = Path("results/runs")
+    keep_artifacts: bool = Field(default=True, description="copy trained weights into the run folder")
 
     @field_validator("label_strategy")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from apm_bench.metrics import MethodMetrics
 from apm_bench.runner import BASELINE, RunResult
@@ -51,6 +52,7 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
         "![Δ score per method](delta.png)",
         "## Per world\n\n" + metrics_table(per_world),
         summaries_section(result.samples),
+        training_section(result.training),
         "## Cost\n\n| stage | counts |\n|---|---|\n" + costs,
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
@@ -68,6 +70,46 @@ def summaries_section(samples) -> str:  # type: ignore[no-untyped-def]
     example = samples.dropna(subset=["summary"]).iloc[0]
     lines += ["", f"Example ({example['method']}, user {example['user_id']}): “{example['summary']}”"]
     return "\n".join(lines)
+
+
+def training_section(training: list[dict[str, Any]]) -> str:
+    if not training:
+        return ""
+    lines = ["## Training", "", "Loss curves: [training.json](training.json); weights: `artifacts/`.", "",
+             "| world | method | adapter | steps | examples | seconds | first loss | final loss |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for entry in training:
+        losses = entry["losses"]
+        first, last = (f"{losses[0]:.4f}", f"{losses[-1]:.4f}") if losses else ("–", "–")
+        seconds = "reused" if entry["reused"] else f"{entry['seconds']:.1f}"
+        lines.append(f"| {entry['world']} | {entry['method']} | `{entry['name']}` | {entry['steps']} | {entry['examples']} | "
+                     f"{seconds} | {first} | {last} |")
+    if any(entry["losses"] for entry in training):
+        lines += ["", "![training loss](training.png)"]
+    return "\n".join(lines)
+
+
+def plot_training(training: list[dict[str, Any]], path: Path) -> None:
+    """Loss per step, one panel per method, one line per adapter and world."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(entry["method"] for entry in training if entry["losses"]))
+    if not methods:
+        return
+    figure, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.2), dpi=120, squeeze=False)
+    for axis, method in zip(axes[0], methods):
+        for entry in training:
+            if entry["method"] == method and entry["losses"]:
+                axis.plot(entry["losses"], linewidth=0.9, alpha=0.8)
+        axis.set_title(method)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)
 
 
 def plot_deltas(metrics: list[MethodMetrics], path: Path) -> None:

@@ -14,10 +14,12 @@ import subprocess
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
+
 from pydantic import BaseModel
 
 from apm_bench.metrics import MethodMetrics
-from apm_bench.report import plot_deltas, render_report
+from apm_bench.report import plot_deltas, plot_training, render_report
 from apm_bench.runner import RunResult
 
 SCHEMA_VERSION = 1
@@ -37,6 +39,10 @@ class RunRecord(BaseModel):
     wall_seconds: float
     metrics: list[MethodMetrics]
     costs: dict[str, dict[str, float]]
+    #: per trained adapter: world, method, name, steps, examples, seconds, final loss, reused
+    training: list[dict[str, Any]] = []
+    #: trained weights copied into artifacts/ (PEFT adapters, soft-prompt projectors and tensors)
+    artifacts: list[str] = []
 
 
 def package_versions() -> dict[str, str]:
@@ -69,6 +75,22 @@ def new_run_id(result: RunResult, now: datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{methods}-{result.config.model}"
 
 
+def _copy_artifacts(result: RunResult, staging: Path) -> list[str]:
+    store = result.artifacts
+    if store is None or not store.used:
+        return []
+    return store.copy_used(staging / "artifacts") if result.config.keep_artifacts else sorted(store.used)
+
+
+def training_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """A training record without its loss curve (that goes to training.json and training.png)."""
+    losses = entry.get("losses") or []
+    summary = {k: v for k, v in entry.items() if k != "losses"}
+    summary["final_loss"] = round(float(losses[-1]), 6) if losses else None
+    summary["seconds"] = round(float(entry.get("seconds", 0.0)), 3)
+    return summary
+
+
 def write_run(result: RunResult, wall_seconds: float) -> Path:
     """Write everything to a temporary folder, then rename it to its final, unused name."""
     root = Path(result.config.out)
@@ -98,7 +120,12 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
             wall_seconds=round(wall_seconds, 2),
             metrics=result.metrics,
             costs=result.costs,
+            training=[training_summary(entry) for entry in result.training],
+            artifacts=_copy_artifacts(result, staging),
         )
+        if result.training:
+            (staging / "training.json").write_text(json.dumps(result.training, indent=2) + "\n", encoding="utf-8")
+            plot_training(result.training, staging / "training.png")
         (staging / "metrics.json").write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
         plot_deltas(result.metrics, staging / "delta.png")
         (staging / "report.md").write_text(render_report(result, record.run_id, record.wall_seconds), encoding="utf-8")

@@ -7,14 +7,18 @@ none of them depends on the hidden mapping.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from apm_bench.artifacts import ArtifactStore
 from apm_bench.backends.base import GenerationRequest, SamplingParams
 from apm_bench.candidates import CandidateBank
 from apm_bench.catalog import Catalog, load_catalog
@@ -55,6 +59,16 @@ class RunResult:
     metrics: list[MethodMetrics]
     costs: dict[str, dict[str, float]] = field(default_factory=dict)
     population_source: str = ""
+    #: one entry per trained (or reused) adapter: world, method, name, steps, examples, seconds, losses
+    training: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: ArtifactStore | None = None
+
+
+def artifact_store(config: RunConfig) -> ArtifactStore:
+    """Beside the call cache, so a resumed run finds what it trained; a private folder without one."""
+    if config.cache is not None:
+        return ArtifactStore(Path(config.cache).parent / "artifacts")
+    return ArtifactStore(Path(tempfile.mkdtemp(prefix="apm-artifacts-")))
 
 
 def plan_methods(config: RunConfig) -> list[MethodVariant]:
@@ -113,16 +127,25 @@ def apply_control(world: World, config: RunConfig) -> dict[str, tuple[str, ...]]
     return histories
 
 
-def _stage_counter(progress: Progress | None, total: int) -> Callable[[str], None]:
-    started = 0
+class _Stages:
+    """Stage announcements for the progress display, plus detail lines within the current stage."""
 
-    def say(stage: str) -> None:
-        nonlocal started
-        if progress is not None:
-            progress(stage, min(started, total), total)
-        started += 1
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.started = 0
+        self.current = ""
 
-    return say
+    def __call__(self, stage: str) -> None:
+        self.current = stage
+        if self.progress is not None:
+            self.progress(stage, min(self.started, self.total), self.total)
+        self.started += 1
+
+    def detail(self, text: str) -> None:
+        """E.g. a training step: shown under the current stage without advancing the count."""
+        if self.progress is not None:
+            self.progress(f"{self.current}: {text}", min(max(self.started - 1, 0), self.total), self.total)
 
 
 class _Stopwatch:
@@ -152,7 +175,7 @@ def run_benchmark(
 ) -> RunResult:
     """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
     variants = plan_methods(config)
-    say = _stage_counter(progress, total=len(config.worlds) * (1 + len(variants)) + 2)
+    say = _Stages(progress, total=len(config.worlds) * (1 + len(variants)) + 2)
     say("population")
     catalog = load_pool_catalog(config)
     if config.prompts_file is not None and config.conversations_file is None:
@@ -171,17 +194,19 @@ def _run_all(
     catalog: Catalog,
     population: Population,
     engines: Engines,
-    say: Callable[[str], None],
+    say: _Stages,
 ) -> RunResult:
     bank = CandidateBank(engines.candidate_writer, engines.judge, catalog, seed=config.data_seed)
     watch = _Stopwatch(engines)
+    store = artifact_store(config)
+    training: list[dict[str, Any]] = []
     frames = []
     for world_seed in config.worlds:
         world = build_world(
             population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
             config.validation_fraction, config.test_fraction, split_seed=config.data_seed,
         )
-        frames.append(_run_world(world, config, variants, catalog, engines, bank, watch, say))
+        frames.append(_run_world(world, config, variants, catalog, engines, bank, watch, say, store, training))
     samples = pd.concat(frames, ignore_index=True)
     say("metrics")
     metrics = compute_metrics(samples, config.bootstrap_seed, config.bootstrap_resamples, oracle_method=ORACLE)
@@ -189,7 +214,7 @@ def _run_all(
     watch.costs["embedding"] = {"texts_encoded": float(engines.embedder.encoded_texts), **{
         f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
-    return RunResult(config, samples, metrics, watch.costs, population.source)
+    return RunResult(config, samples, metrics, watch.costs, population.source, training, store)
 
 
 def _run_world(
@@ -200,7 +225,9 @@ def _run_world(
     engines: Engines,
     bank: CandidateBank,
     watch: _Stopwatch,
-    say: Callable[[str], None],
+    say: _Stages,
+    store: ArtifactStore,
+    training: list[dict[str, Any]],
 ) -> pd.DataFrame:
     histories = apply_control(world, config)
     fit_ids = world.split.train + world.split.validation
@@ -222,12 +249,14 @@ def _run_world(
         embedder=engines.embedder,
         principles=list(catalog.principles),
         seed=world.seed,
+        artifacts=store,
+        report=say.detail,
     )
     test_users = [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
     rows: list[dict[str, Any]] = []
     for variant in variants:
         say(f"world {world.seed}: {variant.label}")
-        rows += _evaluate(variant, world, context, test_users, config, engines, watch)
+        rows += _evaluate(variant, world, context, test_users, config, engines, watch, training)
     frame = pd.DataFrame(rows)
     baseline = frame[frame["method"] == BASELINE].set_index("user_id")["reward"]
     frame["baseline_reward"] = frame["user_id"].map(baseline)
@@ -242,6 +271,7 @@ def _evaluate(
     config: RunConfig,
     engines: Engines,
     watch: _Stopwatch,
+    training: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     method: Personalizer = METHODS.get(variant.method)(**variant.options)
     if method.evaluation_only:
@@ -251,7 +281,10 @@ def _evaluate(
     method.fit(context)
     prompts = [world.users[u.id].prompt for u in test_users]
     personalizations = method.personalize_many(test_users, prompts)
-    watch.stop(f"fit:{variant.label}", feedback_calls=context.feedback.calls - calls_before)
+    records = method.training_records()
+    watch.stop(f"fit:{variant.label}", feedback_calls=context.feedback.calls - calls_before,
+               **{k: sum(r.cost()[k] for r in records) for k in ("training_steps", "training_examples", "training_seconds") if records})
+    training += [{"world": world.seed, "method": variant.label, **dataclasses.asdict(r)} for r in records]
 
     watch.start()
     requests = [

@@ -9,38 +9,17 @@ import pytest
 
 from apm_bench.config import RunConfig
 from apm_bench.embed import HistoryEmbedder
-from apm_bench.engines import build_engines
-from apm_bench.methods.base import FitContext, FitUser
 from apm_bench.methods.rag import Rag
-from apm_bench.candidates import CandidateBank
-from apm_bench.feedback import FeedbackOracle
 from apm_bench.runner import load_pool_catalog, load_population, run_benchmark
-from apm_bench.world import build_world
+from fit_context import world_zero
 
 
 def _pooled(result, method: str):  # type: ignore[no-untyped-def]
     return next(m for m in result.metrics if m.method == method and m.world == "pooled")
 
 
-def _world_zero(embedder: HistoryEmbedder):  # type: ignore[no-untyped-def]
-    """Engines, population, world 0 and the fit context a method would be handed in it."""
-    config = RunConfig(worlds=[0])
-    catalog = load_pool_catalog(config)
-    engines = build_engines(config, catalog, embedder)
-    population = load_population(config, catalog, engines.history_writer)
-    world = build_world(population, catalog, 0, validation_fraction=0.1, test_fraction=0.25)
-    fit_ids = world.split.train + world.split.validation
-    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog)
-    bank.ensure({u: world.users[u].prompt for u in fit_ids})
-    context = FitContext(
-        [FitUser(u, tuple(world.users[u].history), world.users[u].prompt) for u in world.split.train], [],
-        FeedbackOracle(bank, {u: world.targets[u] for u in fit_ids}), engines.generator, embedder, list(catalog.principles), 0,
-    )
-    return engines, population, world, context
-
-
 def test_rag_retrieves_users_like_the_query_user(embedder: HistoryEmbedder) -> None:
-    engines, population, world, context = _world_zero(embedder)
+    engines, population, world, context = world_zero(embedder)
     label = {u.id: (u.attributes[0].attribute, u.attributes[0].side) for u in population.users}
     agreement = {}
     for mode in ("nearest", "random"):
@@ -120,7 +99,7 @@ def test_summaries_transfer_to_another_generator(popi_run, tmp_path: Path, embed
 def test_popi_training_really_ran(embedder: HistoryEmbedder) -> None:
     from apm_bench.methods.popi import Popi
 
-    engines, population, world, context = _world_zero(embedder)
+    engines, population, world, context = world_zero(embedder)
     popi = Popi(epochs=10)
     popi.fit(context)
     assert popi.training is not None and popi.training.steps > 0 and popi.adapter is not None

@@ -20,6 +20,7 @@ import inspect
 import json
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -519,6 +520,51 @@ class HFBackend(Backend):
             self.lm = get_peft_model(self.lm, peft_config, adapter_name=name)
         self._adapters[name] = (None, True)
         return self.lm
+
+    def create_adapter(self, name: str, rank: int = 16, seed: int = 0) -> list[Any]:
+        """A new trainable LoRA adapter on every linear layer (the trainer interface shared with `sim`)."""
+        import torch
+        from peft import LoraConfig
+
+        torch.manual_seed(seed)  # peft draws lora_A at random; the seed makes training reproducible
+        self.add_adapter(name, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0))
+        return self.adapter_parameters(name)
+
+    def adapter_parameters(self, name: str) -> list[Any]:
+        """The adapter's weights, switched to trainable (peft names them `...lora_A.<name>.weight`)."""
+        if name not in self._adapters:
+            raise ConfigError(f"adapter {name!r} does not exist")
+        parameters = [p for key, p in self.lm.named_parameters() if f".{name}." in key]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        return parameters
+
+    def save_adapter(self, name: str, directory: Path) -> Path:
+        """Save in the PEFT layout that `PeftModel.from_pretrained` and vLLM's LoRARequest read:
+        adapter_config.json + adapter_model.safetensors, directly in `directory`."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if name not in self._adapters:
+            raise ConfigError(f"adapter {name!r} does not exist")
+        directory.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.lm, adapter_name=name)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
+        config = self.lm.peft_config[name]
+        config.base_model_name_or_path = self.model
+        config.save_pretrained(str(directory))
+        for parameter in self.adapter_parameters(name):
+            parameter.requires_grad_(False)
+        self._adapters[name] = (str(directory), False)
+        return directory
+
+    @property
+    def soft_prompt_width(self) -> int:
+        return self.hidden_size
+
+    def response_length(self, responses: Sequence[str]) -> list[int]:
+        """Tokens per response, end-of-turn token included (as `sequence_logprob` scores them)."""
+        return [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in responses]
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (e.g. before loading retrained weights saved at the same path)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from apm_bench.sim.summarizer import SimSummarizer
 from apm_bench.sim.style import StyleCodec, stable_seed
 
 
-SIM_VERSION = "3"  # bump when the simulator's behaviour changes, so old cache entries are not reused
+SIM_VERSION = "3"
+ADAPTER_FILE = "sim_adapter.pt"
+READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)  # bump when the simulator's behaviour changes, so old cache entries are not reused
 
 
 class SimBackend(Backend):
@@ -37,13 +40,24 @@ class SimBackend(Backend):
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
         self.policy = SimPolicy(profile, catalog.principles, catalog.attributes, self.reader.width, seed=seed)
         self.summarizer = SimSummarizer(catalog.principles, catalog.attributes)
+        self._read: dict[tuple[Message, ...], np.ndarray] = {}
 
     def fingerprint(self) -> str:
         """The simulator's answers depend on its profile, the catalog pool and its own version."""
         return cache_key(SIM_VERSION, self.name, self.model, self.policy.profile.model_dump(), self.catalog.model_dump())
 
     def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
-        return torch.tensor(self.reader.read_many(conversations), dtype=torch.float32)
+        """What the policy reads from each context, memoised: training scores the same requests
+        every epoch, and reading is the slow part of the simulator."""
+        rows = []
+        for conversation in conversations:
+            key = tuple(conversation)
+            if key not in self._read:
+                if len(self._read) >= READ_MEMO_SIZE:
+                    self._read.clear()
+                self._read[key] = self.reader.read(conversation)
+            rows.append(self._read[key])
+        return torch.tensor(np.stack(rows) if rows else np.zeros((0, self.reader.width)), dtype=torch.float32)
 
     def push_for(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         features = self.features([r.messages for r in requests])
@@ -52,7 +66,8 @@ class SimBackend(Backend):
             source = next(r.adapter for r in requests if r.adapter and r.adapter.name == name)
             if source is None or source.path is None:
                 raise KeyError(f"adapter {name!r} is neither loaded nor given a path")
-            self.policy.load_adapter(name, source.path)
+            path = Path(source.path)
+            self.policy.load_adapter(name, str(path / ADAPTER_FILE if path.is_dir() else path))
         soft = [
             torch.as_tensor(r.soft_prompt.embeddings, dtype=torch.float32) if r.soft_prompt is not None else None
             for r in requests
@@ -92,6 +107,24 @@ class SimBackend(Backend):
         if kind == "summarizer":
             return [self.summarizer.add_adapter(name)]
         return list(self.policy.add_adapter(name, rank=rank, seed=seed).parameters())
+
+    def create_adapter(self, name: str, rank: int = 4, seed: int = 0) -> list[torch.nn.Parameter]:
+        """A new trainable style adapter (the trainer interface shared with the hf backend)."""
+        return self.add_adapter(name, kind="style", rank=rank, seed=seed)
+
+    def save_adapter(self, name: str, directory: Path) -> Path:
+        """Write a style adapter into `directory`; an AdapterRef with this path loads it again."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.save_adapter(name, str(directory / ADAPTER_FILE))
+        return directory
+
+    @property
+    def soft_prompt_width(self) -> int:
+        return self.policy.profile.hidden_size
+
+    def response_length(self, responses: Sequence[str]) -> list[int]:
+        """A response is one style decision per principle: its 'length' for length normalisation."""
+        return [self.codec.size] * len(responses)
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         if name in self.summarizer.adapters:

@@ -12,9 +12,9 @@ point group `apm_bench.methods`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -25,6 +25,14 @@ from apm_bench.errors import ConfigError
 from apm_bench.feedback import FeedbackOracle
 from apm_bench.registry import Registry
 from apm_bench.users import Target
+
+if TYPE_CHECKING:
+    from apm_bench.artifacts import ArtifactStore
+    from apm_bench.training import TrainingRecord
+
+
+def _quiet(message: str) -> None:
+    """The default progress sink of a fit: say nothing."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,10 @@ class FitContext:
     embedder: HistoryEmbedder
     principles: list[Principle]
     seed: int
+    #: where trained weights are kept and found again (None: train in memory only)
+    artifacts: ArtifactStore | None = None
+    #: a line of progress (e.g. "training soft-prompt: step 40/300, loss 0.41") for the user's display
+    report: Callable[[str], None] = _quiet
 
 
 class MethodOptions(BaseModel):
@@ -92,6 +104,10 @@ class Personalizer(ABC):
 
     def personalize_many(self, users: Sequence[UserView], prompts: Sequence[str]) -> list[Personalization]:
         return [self.personalize(u, p) for u, p in zip(users, prompts)]
+
+    def training_records(self) -> list[TrainingRecord]:
+        """What the last fit trained (one record per adapter); methods that do not train have none."""
+        return []
 
     def reveal_targets(self, targets: dict[str, list[Target]]) -> None:
         raise TypeError(f"method {self.name!r} is not evaluation-only and must never see targets")

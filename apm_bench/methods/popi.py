@@ -112,6 +112,9 @@ class Popi(Personalizer):
         self._index: NearestNeighbors | None = None
         self._reused: dict[tuple[int | None, str], str] | None = None
 
+    def training_records(self) -> list[TrainingRecord]:
+        return [self.training] if self.training is not None else []
+
     # ------------------------------------------------------------------ fit
 
     def fit(self, context: FitContext) -> None:
@@ -129,7 +132,8 @@ class Popi(Personalizer):
                                        self.options.model_dump(mode="json"))[:16]
             _add_summarizer_adapter(context.generator, name)
             self.training = train_dpo(context.generator, name, pairs, self.options.beta, self.options.epochs,
-                                      self.options.learning_rate, seed=context.seed, sft_weight=self.options.sft_weight)
+                                      self.options.learning_rate, seed=context.seed, sft_weight=self.options.sft_weight,
+                                      report=context.report)
             self.adapter = AdapterRef(name)
         else:
             histories = [h for h, _ in self._best]
