@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-gpu bench clean
+.PHONY: setup run test test-gpu bench suite leaderboard clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,13 @@ test: setup
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
+
+suite: setup
+	$(BIN)/apm suite run configs/leaderboard.yaml
+	$(BIN)/apm leaderboard
+
+leaderboard: setup
+	$(BIN)/apm leaderboard
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

@@ -255,6 +255,60 @@ def _print_judge_table(frame) -> None:  # type: ignore[no-untyped-def]
     console.print(table)
 
 
+suite_app = typer.Typer(no_args_is_help=True, help="The benchmark suite behind the leaderboard.")
+app.add_typer(suite_app, name="suite")
+
+
+@suite_app.command("run")
+def suite_run(
+    config: Path = typer.Argument(..., help="suite YAML (e.g. configs/leaderboard.yaml)"),
+    only: Optional[str] = typer.Option(None, "--only", help="run just this method (plus baseline and oracle) in every setting"),
+) -> None:
+    """Run every setting of a suite and record the runs; then `apm leaderboard` renders them."""
+    from apm_bench.suite import load_suite, run_suite
+
+    suite = load_suite(config)
+    started = time.perf_counter()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description:<60}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        settings = bar.add_task("settings", total=None)
+        stage = bar.add_task("preparing", total=None)
+
+        def on_setting(name: str, done: int, total: int) -> None:
+            bar.update(settings, description=f"setting {name}", completed=done, total=total)
+
+        def show(text: str, done: int, total: int) -> None:
+            bar.update(stage, description=text, completed=done, total=total)
+
+        folders = run_suite(suite, only, on_setting, show)
+    for folder in folders:
+        console.print(f"wrote {folder}")
+    console.print(f"suite: {len(folders)} runs in {time.perf_counter() - started:.1f} s; now run `apm leaderboard`")
+
+
+@app.command()
+def leaderboard(
+    runs: Path = typer.Option(Path("results/suite"), help="folder of recorded runs (searched recursively)"),
+    out: Path = typer.Option(Path("results"), help="where LEADERBOARD.md, leaderboard.csv and leaderboard.png go"),
+    check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if the files differ from what the runs give"),
+) -> None:
+    """Render the leaderboard from recorded runs (or check that the committed one is current)."""
+    from apm_bench import leaderboard as board
+
+    if check:
+        try:
+            board.check(runs, out)
+        except board.StaleLeaderboard as exc:
+            _fail(str(exc), 1)
+        console.print(f"{out / 'LEADERBOARD.md'} matches the runs under {runs}")
+        return
+    outputs = board.build(runs, out)
+    for path in (outputs.markdown, outputs.csv, outputs.png):
+        console.print(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point: bad input becomes one `error: …` line on stderr and a non-zero exit code."""
     try:

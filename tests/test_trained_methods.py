@@ -94,7 +94,10 @@ def test_cbpo_trains_one_adapter_per_label_and_routes_users_to_them(embedder: Hi
 def test_a_run_records_training_and_a_rerun_reuses_the_artifacts(embedder: HistoryEmbedder, tmp_path: Path) -> None:
     config = RunConfig(methods=["soft-prompt"], worlds=[0], users=120, cache=tmp_path / "cache" / "calls.sqlite",
                        out=tmp_path / "runs", method_options={"soft-prompt": {"epochs": 6}})
-    first = run_benchmark(config, embedder=embedder)
+    shown: list[str] = []
+    first = run_benchmark(config, progress=lambda stage, done, total: shown.append(stage), embedder=embedder)
+    training_lines = [line for line in shown if "training soft-prompt-" in line]
+    assert training_lines and training_lines[-1].startswith("world 0: soft-prompt: training") and ", loss " in training_lines[-1]
     folder = write_run(first, 1.0)
     record = json.loads((folder / "metrics.json").read_text())
     assert record["costs"]["fit:soft-prompt"]["training_steps"] > 0

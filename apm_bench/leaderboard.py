@@ -1,0 +1,251 @@
+"""The leaderboard: recorded runs → `LEADERBOARD.md`, `leaderboard.csv` and `leaderboard.png`.
+
+Rows come from run folders (metrics.json, config.json, samples.parquet) found anywhere under the
+runs folder, grouped into settings (model, engine, mapping kind, n_attr, worlds, users, history
+length). For each setting and method the newest run that has the method gives the row. The output
+depends only on the recorded runs (no clocks, no machine facts), so the same runs give
+byte-identical files and `apm leaderboard --check` can tell when committed files are stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from apm_bench.errors import ApmError
+from apm_bench.results import RunRecord
+
+BASELINE, ORACLE = "baseline", "oracle"
+DATA_KEY = "apm-leaderboard-data"  # PNG text chunk: the hash of the CSV the plot was drawn from
+COLUMNS = [
+    "model", "simulator", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "method", "n_users",
+    "delta", "ci_low", "ci_high", "win", "tie", "loss", "gain", "lc_delta", "failed_ratings",
+    "generation_calls", "training_steps", "fit_seconds", "run_id",
+]
+
+
+class StaleLeaderboard(ApmError):
+    """The committed leaderboard files differ from what the recorded runs give."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    simulator: bool
+    engine: str
+    mapping: str
+    n_attr: int
+    worlds: str
+    users: int
+    history_len: int
+
+    @property
+    def title(self) -> str:
+        kind = "simulator" if self.simulator else self.engine
+        return (f"{self.model} ({kind}) · mapping {self.mapping} · n_attr {self.n_attr} · worlds {self.worlds} · "
+                f"{self.users} users · {self.history_len} past messages")
+
+
+def _engine(config: dict[str, Any]) -> str:
+    from apm_bench.backends import resolve_model
+
+    try:
+        return resolve_model(config["model"], config.get("backend")).backend
+    except ApmError:
+        return str(config.get("backend") or "unknown")
+
+
+def _setting(config: dict[str, Any]) -> Setting:
+    engine = _engine(config)
+    return Setting(
+        model=str(config["model"]), simulator=engine == "sim", engine=engine, mapping=str(config.get("mapping", "permutation")),
+        n_attr=int(config.get("n_attr", 1)), worlds=",".join(str(w) for w in config["worlds"]),
+        users=int(config.get("users", 0)), history_len=int(config.get("history_len", 0)),
+    )
+
+
+def length_controlled_delta(samples: pd.DataFrame, method: str) -> float | None:
+    """The Δ left at equal length: regress per-user reward differences on response-length
+    differences (in words) and take the intercept, as AlpacaEval's length control does for win rates."""
+    base = samples[samples["method"] == BASELINE].set_index(["world", "user_id"])
+    rows = samples[samples["method"] == method].set_index(["world", "user_id"])
+    joined = rows[["response", "reward"]].merge(base[["response", "reward"]], left_index=True, right_index=True,
+                                                 suffixes=("", "_base")).dropna(subset=["reward", "reward_base"])
+    if joined.empty:
+        return None
+    difference = (joined["reward"] - joined["reward_base"]).to_numpy(dtype=float)
+    length = (joined["response"].str.split().str.len() - joined["response_base"].str.split().str.len()).to_numpy(dtype=float)
+    if np.ptp(length) == 0:
+        return float(difference.mean())
+    design = np.column_stack([np.ones_like(length), length])
+    intercept, _ = np.linalg.lstsq(design, difference, rcond=None)[0]
+    return float(intercept)
+
+
+def _run_rows(folder: Path) -> list[dict[str, Any]]:
+    record = RunRecord.model_validate_json((folder / "metrics.json").read_text(encoding="utf-8"))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("control"):
+        return []  # control runs (no-history, shuffled) are diagnostics, not leaderboard entries
+    samples_path = folder / "samples.parquet"
+    samples = pd.read_parquet(samples_path, columns=["world", "user_id", "method", "response", "reward"]) if samples_path.is_file() else None
+    setting = _setting(config)
+    rows = []
+    for m in record.metrics:
+        if m.world != "pooled" or m.method == BASELINE:
+            continue
+        costs = record.costs
+        rows.append({
+            **setting.__dict__, "method": m.method, "n_users": m.n_users, "delta": m.delta, "ci_low": m.ci_low,
+            "ci_high": m.ci_high, "win": m.win, "tie": m.tie, "loss": m.loss, "gain": m.gain,
+            "lc_delta": length_controlled_delta(samples, m.method) if samples is not None else None,
+            "failed_ratings": m.failed_ratings,
+            "generation_calls": int(costs.get(f"generate:{m.method}", {}).get("calls", 0)),
+            "training_steps": int(costs.get(f"fit:{m.method}", {}).get("training_steps", 0)),
+            "fit_seconds": round(costs.get(f"fit:{m.method}", {}).get("seconds", 0.0), 1),
+            "run_id": record.run_id, "_created": record.created,
+        })
+    return rows
+
+
+def collect(runs: Path) -> pd.DataFrame:
+    """One row per (setting, method): the newest recorded run that has the method."""
+    folders = sorted(p.parent for p in Path(runs).rglob("metrics.json") if not p.parent.name.startswith(".tmp-"))
+    rows = [row for folder in folders for row in _run_rows(folder)]
+    if not rows:
+        raise ApmError(f"no recorded runs under {runs} (run `apm suite run CONFIG` first)")
+    frame = pd.DataFrame(rows).sort_values(["_created", "run_id"])
+    key = ["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "method"]
+    frame = frame.drop_duplicates(key, keep="last").drop(columns="_created")
+    frame["_order"] = (frame["method"] != ORACLE).astype(int)
+    frame = frame.sort_values(["simulator", "model", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "_order", "delta", "method"],
+                              ascending=[True] * 8 + [True, False, True])
+    return frame.drop(columns="_order")[COLUMNS].reset_index(drop=True)
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, float_format="%.4f", lineterminator="\n")
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, pattern)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    lines = [
+        "# apm-bench leaderboard",
+        "",
+        "Generated by `apm leaderboard` from the runs recorded under `results/suite/` (do not edit by hand; CI checks",
+        "it with `apm leaderboard --check`). Δ = mean over test users of R(method) − R(baseline) on the same prompts,",
+        "95 % CI from a seeded bootstrap over worlds and users; W/T/L = share of users the method wins, ties, loses",
+        "against the baseline; gain = Δ / Δ(oracle); LC Δ = the Δ left after regressing per-user reward differences",
+        "on response-length differences (AlpacaEval-style length control); failures = judge ratings that failed",
+        "(never scored); cost = generation calls, training steps and fit seconds per run.",
+        "",
+        "Rows marked *simulator* come from the embedded style simulator: they show whether a method infers and acts",
+        "on hidden preferences in a controlled world, not how it does on real LLMs.",
+        "",
+        "![Δ with 95 % CI per method and setting](leaderboard.png)",
+    ]
+    for setting, rows in frame.groupby(["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"], sort=False):
+        first = rows.iloc[0]
+        title = Setting(first.model, bool(first.simulator), first.engine, first.mapping, int(first.n_attr), first.worlds,
+                        int(first.users), int(first.history_len)).title
+        lines += ["", f"## {title}", "",
+                  "| method | Δ | 95 % CI | W/T/L | gain | LC Δ | failures | cost (calls · steps · fit s) |",
+                  "|---|---:|---|---|---:|---:|---:|---|"]
+        for r in rows.itertuples():
+            name = f"{r.method} (upper bound)" if r.method == ORACLE else r.method
+            lines.append(
+                f"| {name} | {r.delta:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.win:.2f}/{r.tie:.2f}/{r.loss:.2f} | "
+                f"{_fmt(r.gain, '.2f')} | {_fmt(r.lc_delta, '+.3f')} | {r.failed_ratings} | "
+                f"{r.generation_calls} · {r.training_steps} · {r.fit_seconds:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _data_hash(csv_text: str) -> str:
+    return hashlib.sha256(csv_text.encode("utf-8")).hexdigest()
+
+
+def to_png(frame: pd.DataFrame, csv_text: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(frame.groupby(["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"], sort=False))
+    columns = min(len(groups), 2)
+    rows = -(-len(groups) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.6 * rows), dpi=110, squeeze=False)
+    for axis in axes.flat[len(groups):]:
+        axis.axis("off")
+    for axis, (key, group) in zip(axes.flat, groups):
+        group = group[group["method"] != ORACLE]
+        positions = np.arange(len(group))
+        errors = [group["delta"] - group["ci_low"], group["ci_high"] - group["delta"]]
+        axis.bar(positions, group["delta"], color=["#4c72b0" if d >= 0 else "#c44e52" for d in group["delta"]], width=0.6)
+        axis.errorbar(positions, group["delta"], yerr=errors, fmt="none", ecolor="black", capsize=3, linewidth=1)
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_xticks(positions, group["method"], rotation=30, ha="right", fontsize=8)
+        axis.set_title(f"{key[0]} · {key[2]} · n_attr {key[3]}", fontsize=9)
+        axis.set_ylabel("Δ vs baseline (95 % CI)", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None, DATA_KEY: _data_hash(csv_text)})
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def png_data_hash(path: Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.text.get(DATA_KEY)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    markdown: Path
+    csv: Path
+    png: Path
+
+    @classmethod
+    def under(cls, folder: Path) -> Outputs:
+        return cls(folder / "LEADERBOARD.md", folder / "leaderboard.csv", folder / "leaderboard.png")
+
+
+def build(runs: Path, out: Path) -> Outputs:
+    """Write the three files (each replaced atomically); returns their paths."""
+    frame = collect(runs)
+    csv_text = to_csv(frame)
+    outputs = Outputs.under(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, content in ((outputs.csv, csv_text.encode()), (outputs.markdown, to_markdown(frame).encode()),
+                          (outputs.png, to_png(frame, csv_text))):
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_bytes(content)
+        staging.replace(path)
+    return outputs
+
+
+def check(runs: Path, out: Path) -> None:
+    """Raise StaleLeaderboard naming the first committed file that differs from the recorded runs.
+
+    The Markdown and CSV must match byte for byte; the PNG must carry the hash of that CSV (its
+    pixels depend on the font rasteriser, which is not the runs' business)."""
+    frame = collect(runs)
+    csv_text = to_csv(frame)
+    outputs = Outputs.under(out)
+    for path, expected in ((outputs.markdown, to_markdown(frame)), (outputs.csv, csv_text)):
+        if not path.is_file() or path.read_text(encoding="utf-8") != expected:
+            raise StaleLeaderboard(f"{path} does not match the runs under {runs}; regenerate it with `apm leaderboard`")
+    if not outputs.png.is_file() or png_data_hash(outputs.png) != _data_hash(csv_text):
+        raise StaleLeaderboard(f"{outputs.png} was not drawn from the runs under {runs}; regenerate it with `apm leaderboard`")

@@ -1,0 +1,98 @@
+"""The benchmark suite behind the leaderboard: methods × models × mapping kinds × active attributes
+per user, each setting one recorded run over the same world seeds.
+
+A setting's runs live in `<out>/<setting>/`; `apm leaderboard` takes each method's row from the
+newest run of its setting that has it, so `apm suite run CONFIG --only METHOD` adds or refreshes one
+method's rows without rerunning the others (the baseline it is compared with comes back from the
+call cache unchanged).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from apm_bench.config import MappingKind, RunConfig
+from apm_bench.errors import ConfigError
+
+
+class SuiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] = Field(min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["sim-large"], min_length=1)
+    mappings: list[MappingKind] = Field(default_factory=lambda: ["permutation", "dense"], min_length=1)
+    n_attr: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    out: Path = Path("results/suite")
+    #: any other run option, shared by every setting (users, history_len, method_options, ...)
+    run: dict[str, Any] = Field(default_factory=dict)
+
+
+def setting_name(model: str, mapping: str, n_attr: int) -> str:
+    return f"{model.replace('/', '--')}__{mapping}__nattr{n_attr}"
+
+
+def load_suite(path: Path) -> SuiteConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"suite config not found: {path}")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return SuiteConfig.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML in {path}: {getattr(exc, 'problem', exc)}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise ConfigError(f"{path}: invalid suite option {where}: {error['msg']}") from None
+
+
+def plan_suite(suite: SuiteConfig, only: str | None = None) -> list[tuple[str, RunConfig]]:
+    """(setting name, run config) for every setting; validated before anything runs."""
+    methods = suite.methods
+    if only is not None:
+        from apm_bench.methods import METHODS
+
+        METHODS.get(only)  # an unknown name fails here, with did-you-mean
+        methods = [only]
+    plans = []
+    for model, mapping, n_attr in itertools.product(suite.models, suite.mappings, suite.n_attr):
+        name = setting_name(model, mapping, n_attr)
+        options = {**suite.run, "methods": methods, "model": model, "mapping": mapping, "n_attr": n_attr,
+                   "worlds": suite.worlds, "out": suite.out / name, "keep_artifacts": False}
+        try:
+            plans.append((name, RunConfig.model_validate(options)))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ConfigError(f"setting {name}: invalid run option {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    return plans
+
+
+def run_suite(
+    suite: SuiteConfig,
+    only: str | None = None,
+    on_setting: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Path]:
+    """Run every setting and record each run; returns the run folders."""
+    from apm_bench.results import write_run
+    from apm_bench.runner import plan_methods, prepare, run_benchmark
+
+    plans = plan_suite(suite, only)
+    for _, config in plans:  # bad methods, options or catalogs fail before the first run
+        plan_methods(config)
+        prepare(config)
+    folders = []
+    for index, (name, config) in enumerate(plans):
+        if on_setting is not None:
+            on_setting(name, index, len(plans))
+        started = time.perf_counter()
+        result = run_benchmark(config, progress=progress)
+        folders.append(write_run(result, time.perf_counter() - started))
+    return folders

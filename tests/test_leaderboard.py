@@ -1,0 +1,110 @@
+"""The suite and the leaderboard: deterministic files, a check that catches edited records, and
+rows taken from the newest run of each method."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from apm_bench.errors import ApmError, ConfigError
+from apm_bench.leaderboard import StaleLeaderboard, build, check, collect, length_controlled_delta
+from apm_bench.suite import SuiteConfig, load_suite, plan_suite, run_suite
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _apm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apm_bench.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ})
+
+
+@pytest.fixture(scope="module")
+def suite_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("suite")
+    suite = SuiteConfig(methods=["routing", "history"], mappings=["permutation", "dense"], n_attr=[1], worlds=[0],
+                        out=out / "runs", run={"users": 80})
+    folders = run_suite(suite)
+    assert len(folders) == 2
+    return out
+
+
+def test_suite_config_plans_every_setting_and_rejects_bad_input(tmp_path: Path) -> None:
+    suite = load_suite(REPO / "configs" / "leaderboard.yaml")
+    plans = plan_suite(suite)
+    assert [name for name, _ in plans] == ["sim-large__permutation__nattr1", "sim-large__permutation__nattr2",
+                                            "sim-large__dense__nattr1", "sim-large__dense__nattr2"]
+    assert all(c.worlds == [0, 1, 2] and not c.keep_artifacts for _, c in plans)
+    assert {tuple(c.methods) for _, c in plan_suite(suite, only="cbpo")} == {("cbpo",)}
+    with pytest.raises(ApmError, match="Did you mean .routing."):
+        plan_suite(suite, only="rooting")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [routing]\nmappings: [circular]\n")
+    with pytest.raises(ConfigError, match="mappings"):
+        load_suite(bad)
+
+
+def test_leaderboard_is_deterministic_and_its_check_catches_an_edited_metric(suite_runs: Path) -> None:
+    runs, out = suite_runs / "runs", suite_runs / "board"
+    first = build(runs, out)
+    contents = [p.read_bytes() for p in (first.markdown, first.csv, first.png)]
+    build(runs, out)
+    assert [p.read_bytes() for p in (first.markdown, first.csv, first.png)] == contents
+    check(runs, out)  # passes on what it just wrote
+    table = pd.read_csv(first.csv)
+    assert set(table["mapping"]) == {"permutation", "dense"} and set(table["method"]) == {"oracle", "routing", "history"}
+    assert table["simulator"].all() and "(simulator)" in first.markdown.read_text()
+
+    metrics = next(runs.rglob("metrics.json"))
+    original = metrics.read_text()
+    record = json.loads(original)
+    row = next(m for m in record["metrics"] if m["method"] == "routing" and m["world"] == "pooled")
+    row["delta"] += 0.25
+    metrics.write_text(json.dumps(record))
+    try:
+        with pytest.raises(StaleLeaderboard, match="LEADERBOARD.md"):
+            check(runs, out)
+        proc = _apm("leaderboard", "--runs", str(runs), "--out", str(out), "--check", cwd=suite_runs)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    finally:
+        metrics.write_text(original)
+    check(runs, out)
+
+
+def test_only_adds_one_methods_rows_from_its_newest_run(suite_runs: Path, tmp_path: Path) -> None:
+    before = collect(suite_runs / "runs")
+    suite = SuiteConfig(methods=["routing", "history"], mappings=["permutation"], n_attr=[1], worlds=[0],
+                        out=suite_runs / "runs", run={"users": 80, "method_options": {"routing": {"regularisation": [1.0]}}})
+    run_suite(suite, only="routing")
+    after = collect(suite_runs / "runs")
+    key = (after["mapping"] == "permutation") & (after["method"] == "routing")
+    old_key = (before["mapping"] == "permutation") & (before["method"] == "routing")
+    assert after.loc[key, "run_id"].item() != before.loc[old_key, "run_id"].item()
+    keep = after["method"] == "history"
+    assert after.loc[keep, "run_id"].tolist() == before.loc[before["method"] == "history", "run_id"].tolist()
+    assert len(after) == len(before)
+
+
+def test_length_control_removes_a_length_effect() -> None:
+    rows = []
+    for i in range(40):
+        extra = i % 5  # the method writes 0-4 words more, and each extra word earns +0.5
+        rows.append({"world": 0, "user_id": f"u{i}", "method": "baseline", "response": "a b c", "reward": 5.0})
+        rows.append({"world": 0, "user_id": f"u{i}", "method": "m", "response": "a b c" + " x" * extra,
+                     "reward": 5.0 + 0.2 + 0.5 * extra})
+    samples = pd.DataFrame(rows)
+    assert length_controlled_delta(samples, "m") == pytest.approx(0.2)
+    raw = (samples[samples.method == "m"].reward.mean() - 5.0)
+    assert raw == pytest.approx(1.2)
+
+
+def test_the_committed_leaderboard_matches_the_committed_runs(tmp_path: Path) -> None:
+    runs = REPO / "results" / "suite"
+    if not runs.is_dir():
+        pytest.fail("results/suite is missing: the committed leaderboard has no runs behind it")
+    check(runs, REPO / "results")
