@@ -20,6 +20,7 @@ from apm_bench.sim.style import StyleCodec, stable_seed
 
 SIM_VERSION = "3"
 ADAPTER_FILE = "sim_adapter.pt"
+SUMMARIZER_ADAPTER_FILE = "sim_summarizer_adapter.pt"
 READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)  # bump when the simulator's behaviour changes, so old cache entries are not reused
 
 
@@ -86,7 +87,11 @@ class SimBackend(Backend):
         evidence = np.stack([self.reader.attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.summarizer.adapters):
-            raise KeyError(f"summarizer adapter {name!r} is not loaded")
+            source = next(r.adapter for r in requests if r.adapter and r.adapter.name == name)
+            if source is None or source.path is None:
+                raise KeyError(f"summarizer adapter {name!r} is neither loaded nor given a path")
+            weight = torch.load(Path(source.path) / SUMMARIZER_ADAPTER_FILE, map_location="cpu", weights_only=True)
+            self.summarizer.add_adapter(name).data.copy_(weight)
         return self.summarizer.log_probs(self.summarizer.features(evidence), adapters)
 
     def _summaries(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -113,9 +118,12 @@ class SimBackend(Backend):
         return self.add_adapter(name, kind="style", rank=rank, seed=seed)
 
     def save_adapter(self, name: str, directory: Path) -> Path:
-        """Write a style adapter into `directory`; an AdapterRef with this path loads it again."""
+        """Write a style or summarizer adapter into `directory`; an AdapterRef with this path loads it again."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.policy.save_adapter(name, str(directory / ADAPTER_FILE))
+        if name in self.summarizer.adapters:
+            torch.save(self.summarizer.adapters[name].detach().clone(), directory / SUMMARIZER_ADAPTER_FILE)
+        else:
+            self.policy.save_adapter(name, str(directory / ADAPTER_FILE))
         return directory
 
     @property

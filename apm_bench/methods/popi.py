@@ -128,17 +128,31 @@ class Popi(Personalizer):
         if not pairs:
             raise RuntimeError("popi: no training user's sampled summaries could be told apart by the feedback")
         if self._optimiser() == "dpo":
-            name = "popi-" + cache_key(context.seed, [(p.request.messages[-1].content, p.chosen, p.rejected) for p in pairs],
+            name = "popi-" + cache_key(context.seed, context.generator.fingerprint(),
+                                       [(p.request.messages[-1].content, p.chosen, p.rejected) for p in pairs],
                                        self.options.model_dump(mode="json"))[:16]
-            _add_summarizer_adapter(context.generator, name)
-            self.training = train_dpo(context.generator, name, pairs, self.options.beta, self.options.epochs,
-                                      self.options.learning_rate, seed=context.seed, sft_weight=self.options.sft_weight,
-                                      report=context.report)
-            self.adapter = AdapterRef(name)
+            self._train_summarizer(name, pairs, context)
         else:
             histories = [h for h, _ in self._best]
             self._index = NearestNeighbors(n_neighbors=min(self.options.neighbours, len(histories)), metric="cosine")
             self._index.fit(context.embedder.embed_histories(histories))
+
+    def _train_summarizer(self, name: str, pairs: list[PreferencePair], context: FitContext) -> None:
+        """DPO of a summarizer adapter, or the stored one when these pairs were trained on before."""
+        found = context.artifacts.find(name) if context.artifacts is not None else None
+        if found is not None:
+            self.adapter = AdapterRef(name, str(found / "adapter"))
+            self.training = TrainingRecord(name=name, examples=len(pairs), reused=True)
+            return
+        _add_summarizer_adapter(context.generator, name)
+        self.training = train_dpo(context.generator, name, pairs, self.options.beta, self.options.epochs,
+                                  self.options.learning_rate, seed=context.seed, sft_weight=self.options.sft_weight,
+                                  report=context.report)
+        self.adapter = AdapterRef(name)
+        if context.artifacts is not None:
+            with context.artifacts.writing(name) as staging:
+                context.generator.save_adapter(name, staging / "adapter")  # type: ignore[attr-defined]
+            self.adapter = AdapterRef(name, str(context.artifacts.root / name / "adapter"))
 
     def _optimiser(self) -> str:
         assert self._generator is not None
