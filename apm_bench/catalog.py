@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from apm_bench.errors import CatalogError
+from apm_bench.errors import CatalogError, first_error
 
 Side = Literal["follow", "avoid"]
 POOL_SIZES = (2, 4, 6, 8, 10)
@@ -205,12 +205,6 @@ def _list_under(path: Path, key: str) -> list:
     return value
 
 
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]
-
-
 def load_catalog(principles_dir: Path | None = None, personas_dir: Path | None = None) -> Catalog:
     principles_dir = Path(principles_dir) if principles_dir else default_catalog_dir("principles")
     personas_dir = Path(personas_dir) if personas_dir else default_catalog_dir("personas")
@@ -228,7 +222,7 @@ def load_catalog(principles_dir: Path | None = None, personas_dir: Path | None =
         seeds = [PersonaSeed.model_validate(s) for s in _list_under(seeds_file, "seeds")] if seeds_file.exists() else []
         catalog = Catalog(principles=principles, attributes=attributes, seeds=seeds, antonyms=antonyms)
     except ValidationError as exc:
-        raise CatalogError(f"invalid catalog in {principles_dir} / {personas_dir}: {_first_error(exc)}") from None
+        raise CatalogError(f"invalid catalog in {principles_dir} / {personas_dir}: {first_error(exc)}") from None
     if not catalog.principles or not catalog.attributes:
         raise CatalogError(f"catalog needs at least one principle ({principles_file}) and one attribute ({attributes_file})")
     return catalog

@@ -123,10 +123,7 @@ def run(
     from apm_bench.results import write_run
     from apm_bench.runner import run_benchmark
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (SpinnerColumn(), TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _progress_bar(40) as bar:
         task = bar.add_task("preparing", total=None)
 
         def show(stage: str, done: int, total: int) -> None:
@@ -136,6 +133,14 @@ def run(
     folder = write_run(result, time.perf_counter() - PROCESS_START)
     _print_summary(result.metrics)
     console.print(f"wrote [bold]{folder}[/bold] in {time.perf_counter() - PROCESS_START:.1f} s")
+
+
+def _progress_bar(width: int):  # type: ignore[no-untyped-def]
+    """A transient rich progress display: spinner, stage text, bar, count, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn(f"{{task.description:<{width}}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
 
 
 def _print_summary(metrics) -> None:  # type: ignore[no-untyped-def]
@@ -269,10 +274,7 @@ def suite_run(
 
     suite = load_suite(config)
     started = time.perf_counter()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (SpinnerColumn(), TextColumn("{task.description:<60}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _progress_bar(60) as bar:
         settings = bar.add_task("settings", total=None)
         stage = bar.add_task("preparing", total=None)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from apm_bench.errors import ConfigError
+from apm_bench.errors import ConfigError, first_error
 from apm_bench.mapping import MappingKind
 from apm_bench.sim.judge import SimJudgeConfig
 from apm_bench.sim.writer import SimWriterConfig
@@ -93,13 +93,6 @@ class RunConfig(BaseModel):
         return self
 
 
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(p) for p in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
-
-
 def load_config(path: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """Defaults ← YAML file ← CLI options (only those the user actually set)."""
     data: dict[str, Any] = {}
@@ -117,4 +110,4 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid run option {_first_error(exc)}") from None
+        raise ConfigError(f"invalid run option {first_error(exc)}") from None

@@ -1,5 +1,15 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero; anything else is a bug."""
 
+from typing import Any
+
+
+def first_error(exc: Any) -> str:
+    """The first problem of a pydantic ValidationError as one line: `field.path: message`."""
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
 
 class ApmError(Exception):
     """Base class for errors caused by input (options, files, catalogs), never by the code itself."""

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from apm_bench.catalog import Catalog, PersonaSeed
-from apm_bench.errors import ConfigError, PromptFileError
+from apm_bench.errors import ConfigError, PromptFileError, first_error
 from apm_bench.prompts import NeutralPrompt, read_jsonl_objects
 from apm_bench.users import AttributeSetting, draw_attribute_settings
 
@@ -156,8 +156,7 @@ def import_reference_conversations(path: Path, catalog: Catalog, history_len: in
 
 def _short(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+        return first_error(exc)
     return str(exc).splitlines()[0]
 
 

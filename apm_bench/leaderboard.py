@@ -24,6 +24,8 @@ from apm_bench.results import RunRecord
 
 BASELINE, ORACLE = "baseline", "oracle"
 DATA_KEY = "apm-leaderboard-data"  # PNG text chunk: the hash of the CSV the plot was drawn from
+#: what makes two runs comparable: one table per distinct value
+SETTING = ["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"]
 COLUMNS = [
     "model", "simulator", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "method", "n_users",
     "delta", "ci_low", "ci_high", "win", "tie", "loss", "gain", "lc_delta", "failed_ratings",
@@ -122,11 +124,10 @@ def collect(runs: Path) -> pd.DataFrame:
     if not rows:
         raise ApmError(f"no recorded runs under {runs} (run `apm suite run CONFIG` first)")
     frame = pd.DataFrame(rows).sort_values(["_created", "run_id"])
-    key = ["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "method"]
-    frame = frame.drop_duplicates(key, keep="last").drop(columns="_created")
+    frame = frame.drop_duplicates(SETTING + ["method"], keep="last").drop(columns="_created")
     frame["_order"] = (frame["method"] != ORACLE).astype(int)
-    frame = frame.sort_values(["simulator", "model", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "_order", "delta", "method"],
-                              ascending=[True] * 8 + [True, False, True])
+    frame = frame.sort_values(["simulator", *SETTING, "_order", "delta", "method"],
+                              ascending=[True] * (1 + len(SETTING)) + [True, False, True])
     return frame.drop(columns="_order")[COLUMNS].reset_index(drop=True)
 
 
@@ -154,7 +155,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
         "",
         "![Δ with 95 % CI per method and setting](leaderboard.png)",
     ]
-    for setting, rows in frame.groupby(["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"], sort=False):
+    for _, rows in frame.groupby(SETTING, sort=False):
         first = rows.iloc[0]
         title = Setting(first.model, bool(first.simulator), first.engine, first.mapping, int(first.n_attr), first.worlds,
                         int(first.users), int(first.history_len)).title
@@ -181,7 +182,7 @@ def to_png(frame: pd.DataFrame, csv_text: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(frame.groupby(["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"], sort=False))
+    groups = list(frame.groupby(SETTING, sort=False))
     columns = min(len(groups), 2)
     rows = -(-len(groups) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.6 * rows), dpi=110, squeeze=False)

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apm_bench.config import MappingKind, RunConfig
-from apm_bench.errors import ConfigError
+from apm_bench.errors import ConfigError, first_error
 
 
 class SuiteConfig(BaseModel):
@@ -48,9 +48,7 @@ def load_suite(path: Path) -> SuiteConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML in {path}: {getattr(exc, 'problem', exc)}") from None
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
-        raise ConfigError(f"{path}: invalid suite option {where}: {error['msg']}") from None
+        raise ConfigError(f"{path}: invalid suite option {first_error(exc)}") from None
 
 
 def plan_suite(suite: SuiteConfig, only: str | None = None) -> list[tuple[str, RunConfig]]:
@@ -69,8 +67,7 @@ def plan_suite(suite: SuiteConfig, only: str | None = None) -> list[tuple[str, R
         try:
             plans.append((name, RunConfig.model_validate(options)))
         except ValidationError as exc:
-            error = exc.errors()[0]
-            raise ConfigError(f"setting {name}: invalid run option {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+            raise ConfigError(f"setting {name}: invalid run option {first_error(exc)}") from None
     return plans
 
 

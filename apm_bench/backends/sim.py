@@ -24,6 +24,14 @@ SUMMARIZER_ADAPTER_FILE = "sim_summarizer_adapter.pt"
 READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)  # bump when the simulator's behaviour changes, so old cache entries are not reused
 
 
+def _adapter_path(requests: Sequence[GenerationRequest], name: str) -> Path:
+    """Where a request names the saved weights of an adapter the engine has not loaded yet."""
+    path = next((r.adapter.path for r in requests if r.adapter and r.adapter.name == name and r.adapter.path), None)
+    if path is None:
+        raise KeyError(f"adapter {name!r} is neither loaded nor given a path")
+    return Path(path)
+
+
 class SimBackend(Backend):
     """Generation = read the context, sample a style vector from the policy, render it as text.
 
@@ -64,10 +72,7 @@ class SimBackend(Backend):
         features = self.features([r.messages for r in requests])
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.policy.adapters):
-            source = next(r.adapter for r in requests if r.adapter and r.adapter.name == name)
-            if source is None or source.path is None:
-                raise KeyError(f"adapter {name!r} is neither loaded nor given a path")
-            path = Path(source.path)
+            path = _adapter_path(requests, name)
             self.policy.load_adapter(name, str(path / ADAPTER_FILE if path.is_dir() else path))
         soft = [
             torch.as_tensor(r.soft_prompt.embeddings, dtype=torch.float32) if r.soft_prompt is not None else None
@@ -87,10 +92,7 @@ class SimBackend(Backend):
         evidence = np.stack([self.reader.attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.summarizer.adapters):
-            source = next(r.adapter for r in requests if r.adapter and r.adapter.name == name)
-            if source is None or source.path is None:
-                raise KeyError(f"summarizer adapter {name!r} is neither loaded nor given a path")
-            weight = torch.load(Path(source.path) / SUMMARIZER_ADAPTER_FILE, map_location="cpu", weights_only=True)
+            weight = torch.load(_adapter_path(requests, name) / SUMMARIZER_ADAPTER_FILE, map_location="cpu", weights_only=True)
             self.summarizer.add_adapter(name).data.copy_(weight)
         return self.summarizer.log_probs(self.summarizer.features(evidence), adapters)
 

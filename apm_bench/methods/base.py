@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from apm_bench.backends.base import AdapterRef, Backend, Message, SoftPrompt
 from apm_bench.catalog import Principle
 from apm_bench.embed import HistoryEmbedder
-from apm_bench.errors import ConfigError
+from apm_bench.errors import ConfigError, first_error
 from apm_bench.feedback import FeedbackOracle
 from apm_bench.registry import Registry
 from apm_bench.users import Target
@@ -91,9 +91,7 @@ class Personalizer(ABC):
         try:
             self.options = self.Options(**options)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            raise ConfigError(f"method {self.name!r}: option {where}: {error['msg']}") from None
+            raise ConfigError(f"method {self.name!r}: option {first_error(exc)}") from None
 
     def fit(self, context: FitContext) -> None:
         """Learn from training users; methods without a learning step keep this no-op."""
