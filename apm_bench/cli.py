@@ -81,7 +81,7 @@ def run(
     out: Optional[Path] = typer.Option(None, help="where run folders go (default results/runs)"),
 ) -> None:
     """Run the benchmark and write results/runs/<run-id>/."""
-    from apm_bench.config import load_config
+    from apm_bench.run.config import load_config
 
     overrides = {
         "methods": _split(method),
@@ -120,8 +120,8 @@ def run(
         options = {**run_config.method_options, "popi": {**run_config.method_options.get("popi", {}), "summaries_file": summaries}}
         run_config = run_config.model_copy(update={"method_options": options})
 
-    from apm_bench.results import write_run
-    from apm_bench.runner import run_benchmark
+    from apm_bench.reporting.results import write_run
+    from apm_bench.run.runner import run_benchmark
 
     with _progress_bar(40) as bar:
         task = bar.add_task("preparing", total=None)
@@ -202,8 +202,8 @@ def serve_sim(
     judge_bias: float = typer.Option(0.0, "--judge-bias", help="added to every sim-judge score"),
 ) -> None:
     """Serve the simulator over an OpenAI-compatible API (/v1/models, /v1/chat/completions)."""
+    from apm_bench.judging.sim_judge import SimJudgeConfig
     from apm_bench.serve import run_server
-    from apm_bench.sim.judge import SimJudgeConfig
 
     run_server(host=host, port=port, judge_config=SimJudgeConfig(noise=judge_noise, bias=judge_bias))
 
@@ -218,7 +218,7 @@ def judge_analyze(
     out: Optional[Path] = typer.Option(None, help="where to write table.csv and the plots (default: DIRECTORY/analysis)"),
 ) -> None:
     """Antonym-consistency table, correlation heatmap and balance chart for judge score files."""
-    from apm_bench.judge_analysis import diagnostics_table, load_judge_scores, write_diagnostics
+    from apm_bench.judging.analysis import diagnostics_table, load_judge_scores, write_diagnostics
 
     judges = load_judge_scores(directory)
     paths = write_diagnostics(judges, out or Path(directory) / "analysis")
@@ -241,7 +241,7 @@ def judge_calibrate(
     out: Path = typer.Option(Path("results/judges"), help="folder for the score file and the analysis"),
 ) -> None:
     """Have a judge rate both words of every antonym pair, save the scores, then analyse them."""
-    from apm_bench.calibration import calibrate
+    from apm_bench.judging.calibration import calibrate
 
     path, dropped = calibrate(
         judge_model, judge_backend, judge_url, judge_weighted, judge_bias, judge_noise, model, per_pair, seed, out
@@ -270,7 +270,7 @@ def suite_run(
     only: Optional[str] = typer.Option(None, "--only", help="run just this method (plus baseline and oracle) in every setting"),
 ) -> None:
     """Run every setting of a suite and record the runs; then `apm leaderboard` renders them."""
-    from apm_bench.suite import load_suite, run_suite
+    from apm_bench.reporting.suite import load_suite, run_suite
 
     suite = load_suite(config)
     started = time.perf_counter()
@@ -297,7 +297,7 @@ def leaderboard(
     check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if the files differ from what the runs give"),
 ) -> None:
     """Render the leaderboard from recorded runs (or check that the committed one is current)."""
-    from apm_bench import leaderboard as board
+    from apm_bench.reporting import leaderboard as board
 
     if check:
         try:

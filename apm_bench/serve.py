@@ -4,7 +4,7 @@ It lets the `openai` backend (and any other OpenAI client) be tested end to end 
 
 - `sim-small`, `sim-large`: the same SimBackend that runs in-process, so a request sent over HTTP
   gives the same text as the same GenerationRequest in-process (same seed, same messages).
-- `sim-judge`: reads the LLM judge's prompt (`apm_bench.llm_judge.judge_messages`) back into
+- `sim-judge`: reads the LLM judge's prompt (`apm_bench.judging.llm_judge.judge_messages`) back into
   (principle, prompt, response), rates it with SimJudge and answers the score as text, e.g. "7".
   With logprobs it also returns the score distribution over the tokens "1".."10".
 
@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict
 
 from apm_bench.backends.base import Backend, Generation, GenerationRequest, Message, SamplingParams
 from apm_bench.backends.openai_compat import unwire_seed
-from apm_bench.catalog import Catalog, Principle
-from apm_bench.judge import SCORE_MAX, SCORE_MIDPOINT, SCORE_MIN, Rating, RatingRequest
-from apm_bench.llm_judge import parse_judge_messages
-from apm_bench.sim.judge import POINTS_PER_LEVEL, SimJudge, SimJudgeConfig
+from apm_bench.judging.judge import SCORE_MAX, SCORE_MIDPOINT, SCORE_MIN, Rating, RatingRequest
+from apm_bench.judging.llm_judge import parse_judge_messages
+from apm_bench.judging.sim_judge import POINTS_PER_LEVEL, SimJudge, SimJudgeConfig
 from apm_bench.sim.style import StyleCodec
+from apm_bench.world.catalog import Catalog, Principle
 
 JUDGE_MODEL = "sim-judge"
 #: what the simulated judge says when SimJudge's failure_rate strikes: a non-score, so it counts as unparseable
@@ -295,6 +295,6 @@ def run_server(
     """Serve the simulator until interrupted (blocking); `apm serve-sim` calls this."""
     import uvicorn
 
-    from apm_bench.catalog import load_catalog
+    from apm_bench.world.catalog import load_catalog
 
     uvicorn.run(create_app(catalog or load_catalog(), judge_config), host=host, port=port, log_level=log_level)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from apm_bench.catalog import Catalog, load_catalog
-from apm_bench.embed import HistoryEmbedder
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.world.catalog import Catalog, load_catalog
 
 
 @pytest.fixture(scope="session")

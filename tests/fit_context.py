@@ -6,16 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apm_bench.artifacts import ArtifactStore
 from apm_bench.backends.base import Backend
-from apm_bench.candidates import CandidateBank
-from apm_bench.config import RunConfig
-from apm_bench.embed import HistoryEmbedder
-from apm_bench.engines import build_engines
-from apm_bench.feedback import FeedbackOracle
+from apm_bench.judging.candidates import CandidateBank
+from apm_bench.judging.feedback import FeedbackOracle
+from apm_bench.methods.artifacts import ArtifactStore
 from apm_bench.methods.base import FitContext, FitUser
-from apm_bench.runner import load_pool_catalog, load_population
-from apm_bench.world import build_world
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.run.config import RunConfig
+from apm_bench.run.engines import build_engines
+from apm_bench.run.runner import load_pool_catalog, load_population
+from apm_bench.world.world import build_world
 
 
 def world_zero(

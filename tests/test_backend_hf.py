@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from tiny_lm import HIDDEN_SIZE, build_lora_adapter, build_tiny_model  # noqa: E402
+
 from apm_bench.backends import load_backend  # noqa: E402
 from apm_bench.backends.base import AdapterRef, GenerationRequest, SamplingParams, SoftPrompt, chat  # noqa: E402
 from apm_bench.backends.hf import HFBackend  # noqa: E402
 from apm_bench.errors import ConfigError  # noqa: E402
-
-from tiny_lm import HIDDEN_SIZE, build_lora_adapter, build_tiny_model  # noqa: E402
 
 PROMPTS = [
     "Hello there, how are you?",

@@ -28,13 +28,13 @@ from fastapi.responses import JSONResponse
 from apm_bench.backends import load_backend
 from apm_bench.backends.base import AdapterRef, GenerationRequest, Message, SamplingParams, SoftPrompt, chat
 from apm_bench.backends.openai_compat import OpenAIBackend, RemoteCallError, unwire_seed, wire_seed
-from apm_bench.catalog import Catalog
 from apm_bench.errors import ConfigError
-from apm_bench.judge import RatingRequest
-from apm_bench.llm_judge import LLMJudge, LLMJudgeConfig, judge_messages
-from apm_bench.prompting import style_instruction
-from apm_bench.sim.judge import SimJudge, SimJudgeConfig
+from apm_bench.judging.judge import RatingRequest
+from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig, judge_messages
+from apm_bench.judging.sim_judge import SimJudge, SimJudgeConfig
 from apm_bench.sim.style import stable_seed
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.prompting import style_instruction
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 40.0
@@ -48,9 +48,9 @@ PROMPTS = [
 ]
 SERVER_CODE = """
 import sys, uvicorn
-from apm_bench.catalog import load_catalog
+from apm_bench.world.catalog import load_catalog
 from apm_bench.serve import create_app
-from apm_bench.sim.judge import SimJudgeConfig
+from apm_bench.judging.sim_judge import SimJudgeConfig
 app = create_app(load_catalog(), SimJudgeConfig.model_validate_json(sys.argv[2]))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 from apm_bench.backends.base import chat
-from apm_bench.catalog import load_catalog
-from apm_bench.config import RunConfig
-from apm_bench.embed import HistoryEmbedder
 from apm_bench.errors import InformationBarrierError
 from apm_bench.methods import FitContext, Personalization, Personalizer, UserView, register_method
 from apm_bench.methods.base import MethodOptions
-from apm_bench.prompting import style_instruction
-from apm_bench.runner import prepare, run_benchmark
-from apm_bench.users import Target
-from apm_bench.world import build_world
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.run.config import RunConfig
+from apm_bench.run.runner import prepare, run_benchmark
+from apm_bench.world.catalog import load_catalog
+from apm_bench.world.prompting import style_instruction
+from apm_bench.world.users import Target
+from apm_bench.world.world import build_world
 
 SMALL = dict(users=200, history_len=2, bootstrap_resamples=500)
 

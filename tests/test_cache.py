@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from apm_bench.cache import CallCache, CacheStats, cache_key
+from apm_bench.cache import CacheStats, CallCache, cache_key
 
 
 def test_values_are_computed_once_and_reused(tmp_path: Path) -> None:

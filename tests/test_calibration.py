@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from apm_bench.calibration import calibrate, complete_columns
-from apm_bench.judge_analysis import balance_error, load_judge_scores
+from apm_bench.judging.analysis import balance_error, load_judge_scores
+from apm_bench.judging.calibration import calibrate, complete_columns
 
 
 def test_bias_raises_the_balance_error(tmp_path: Path) -> None:

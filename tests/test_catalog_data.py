@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from apm_bench.catalog import POOL_SIZES, Catalog, load_catalog
 from apm_bench.errors import CatalogError, ConfigError, PromptFileError
-from apm_bench.histories import build_population, import_reference_conversations
-from apm_bench.prompts import load_prompts
 from apm_bench.sim.writer import SimHistoryWriter, SimWriterConfig
-from apm_bench.users import AttributeSetting, draw_attribute_settings
+from apm_bench.world.catalog import POOL_SIZES, Catalog, load_catalog
+from apm_bench.world.histories import build_population, import_reference_conversations
+from apm_bench.world.prompts import load_prompts
+from apm_bench.world.users import AttributeSetting, draw_attribute_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "apm-examples.jsonl"

@@ -78,7 +78,7 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             '''
             from apm_bench.backends.base import chat
             from apm_bench.methods import Personalization, Personalizer, register_method
-            from apm_bench.prompting import style_instruction
+            from apm_bench.world.prompting import style_instruction
 
 
             @register_method("demo-constant")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from apm_bench.config import RunConfig
-from apm_bench.embed import HistoryEmbedder
-from apm_bench.methods.rag import Rag
-from apm_bench.runner import load_pool_catalog, load_population, run_benchmark
 from fit_context import world_zero
+
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.methods.rag import Rag
+from apm_bench.run.config import RunConfig
+from apm_bench.run.runner import load_pool_catalog, load_population, run_benchmark
 
 
 def _pooled(result, method: str):  # type: ignore[no-untyped-def]

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from apm_bench.config import RunConfig
-from apm_bench.embed import HistoryEmbedder
-from apm_bench.runner import run_benchmark
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.run.config import RunConfig
+from apm_bench.run.runner import run_benchmark
 
 SMALL = dict(methods=["routing"], users=120, worlds=[0], history_len=2, bootstrap_resamples=300, cache=None)
 

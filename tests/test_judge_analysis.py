@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from apm_bench.errors import ApmError
-from apm_bench.judge_analysis import (
+from apm_bench.judging.analysis import (
     balance_error,
     diagnostics_table,
     load_judge_scores,

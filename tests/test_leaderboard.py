@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from apm_bench.errors import ApmError, ConfigError
-from apm_bench.leaderboard import StaleLeaderboard, build, check, collect, length_controlled_delta
-from apm_bench.suite import SuiteConfig, load_suite, plan_suite, run_suite
+from apm_bench.reporting.leaderboard import StaleLeaderboard, build, check, collect, length_controlled_delta
+from apm_bench.reporting.suite import SuiteConfig, load_suite, plan_suite, run_suite
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest
-from apm_bench.catalog import Catalog
-from apm_bench.histories import LLMHistoryWriter
-from apm_bench.judge import RatingRequest
-from apm_bench.llm_judge import (
+from apm_bench.backends.history_writer import LLMHistoryWriter
+from apm_bench.judging.judge import RatingRequest
+from apm_bench.judging.llm_judge import (
     LLMJudge,
     LLMJudgeConfig,
     expected_score,
@@ -20,7 +19,8 @@ from apm_bench.llm_judge import (
     parse_judge_messages,
     parse_score,
 )
-from apm_bench.users import AttributeSetting
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.users import AttributeSetting
 
 
 class ScriptedBackend(Backend):

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apm_bench.judge import Rating
-from apm_bench.metrics import bootstrap_ci, compute_metrics
-from apm_bench.reward import weighted_reward
-from apm_bench.users import Target
+from apm_bench.judging.judge import Rating
+from apm_bench.judging.metrics import bootstrap_ci, compute_metrics
+from apm_bench.judging.reward import weighted_reward
+from apm_bench.world.users import Target
 
 TARGETS = [Target(principle="casual", side="follow", weight=0.75), Target(principle="gentle", side="avoid", weight=0.25)]
 

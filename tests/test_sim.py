@@ -8,11 +8,11 @@ import torch
 
 from apm_bench.backends import load_backend
 from apm_bench.backends.base import AdapterRef, GenerationRequest, Message, SamplingParams, SoftPrompt, chat
-from apm_bench.catalog import Catalog
-from apm_bench.judge import RatingRequest
-from apm_bench.prompting import example_block, style_instruction
-from apm_bench.sim.judge import SimJudge, SimJudgeConfig
+from apm_bench.judging.judge import RatingRequest
+from apm_bench.judging.sim_judge import SimJudge, SimJudgeConfig
 from apm_bench.sim.style import StyleCodec
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.prompting import example_block, style_instruction
 
 PROMPT = "How do I keep homemade bread from going stale so quickly?"
 

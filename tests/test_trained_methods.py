@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fit_context import world_zero
 
 from apm_bench.backends.base import AdapterRef, GenerationRequest, SamplingParams, SoftPrompt, chat
-from apm_bench.config import RunConfig
-from apm_bench.embed import HistoryEmbedder
 from apm_bench.methods.base import UserView
 from apm_bench.methods.cbpo import LABELS_FILE, Cbpo, CbpoUncorrected
+from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.soft_prompt import ADAPTER_FOLDER, SOFT_PROMPTS, SoftPromptMethod, load_soft_prompts
-from apm_bench.results import write_run
-from apm_bench.runner import run_benchmark
-from fit_context import world_zero
+from apm_bench.reporting.results import write_run
+from apm_bench.run.config import RunConfig
+from apm_bench.run.runner import run_benchmark
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

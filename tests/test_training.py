@@ -11,7 +11,7 @@ import torch
 
 from apm_bench.backends import load_backend
 from apm_bench.backends.base import AdapterRef, GenerationRequest, chat
-from apm_bench.training import (
+from apm_bench.methods.training import (
     CbpoSettings,
     Example,
     PreferencePair,
@@ -133,7 +133,7 @@ def sim(catalog):  # type: ignore[no-untyped-def]
 
 
 def _examples(sim, catalog, label: str, side: str, n: int, seed: int) -> list[Example]:  # type: ignore[no-untyped-def]
-    from apm_bench.prompting import style_instruction
+    from apm_bench.world.prompting import style_instruction
 
     instruction = style_instruction(catalog.principle(label), side)
     prompts = [f"Question {i}: how do tides work?" for i in range(n)]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from apm_bench.errors import ConfigError
-from apm_bench.mapping import draw_world_matrix, overlaid_permutations, signed_permutation
-from apm_bench.users import Target, split_users, targets_from_response_vector, attribute_vector, AttributeSetting
+from apm_bench.world.mapping import draw_world_matrix, overlaid_permutations, signed_permutation
+from apm_bench.world.users import AttributeSetting, Target, attribute_vector, split_users, targets_from_response_vector
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -1,4 +1,4 @@
-"""Backends and the model alias table.
+"""Stage 2, engines: the backend interface, the engines behind it, and the model alias table.
 
 `load_backend(model, catalog)` resolves an alias from `apm_bench/data/models.yaml` (or takes a hub
 id / local path as it is) and builds the engine named there. Engines register a factory by name
@@ -16,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from apm_bench.backends.base import Backend
-from apm_bench.catalog import Catalog
 from apm_bench.errors import ConfigError, UnknownNameError
 from apm_bench.registry import Registry
+from apm_bench.world.catalog import Catalog
 
 
 class ModelSpec(BaseModel):

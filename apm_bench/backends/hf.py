@@ -20,8 +20,8 @@ import inspect
 import json
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np

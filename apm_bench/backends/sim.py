@@ -10,13 +10,12 @@ import torch
 
 from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest, Message
 from apm_bench.cache import cache_key
-from apm_bench.catalog import Catalog
 from apm_bench.sim.policy import SimPolicy, SimProfile
-from apm_bench.prompting import SUMMARIZE_INSTRUCTION
 from apm_bench.sim.reader import ContextReader
-from apm_bench.sim.summarizer import SimSummarizer
 from apm_bench.sim.style import StyleCodec, stable_seed
-
+from apm_bench.sim.summarizer import SimSummarizer
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.prompting import SUMMARIZE_INSTRUCTION
 
 SIM_VERSION = "3"
 ADAPTER_FILE = "sim_adapter.pt"

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from apm_bench.backends.base import AdapterRef, Backend, Message, SoftPrompt
-from apm_bench.catalog import Principle
-from apm_bench.embed import HistoryEmbedder
 from apm_bench.errors import ConfigError, first_error
-from apm_bench.feedback import FeedbackOracle
+from apm_bench.judging.feedback import FeedbackOracle
+from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.registry import Registry
-from apm_bench.users import Target
+from apm_bench.world.catalog import Principle
+from apm_bench.world.users import Target
 
 if TYPE_CHECKING:
-    from apm_bench.artifacts import ArtifactStore
-    from apm_bench.training import TrainingRecord
+    from apm_bench.methods.artifacts import ArtifactStore
+    from apm_bench.methods.training import TrainingRecord
 
 
 def _quiet(message: str) -> None:

@@ -23,11 +23,26 @@ import numpy as np
 from pydantic import Field
 
 from apm_bench.backends.base import AdapterRef, chat
-from apm_bench.candidates import StyleLabel
-from apm_bench.methods.base import FitContext, FitUser, MethodOptions, Personalization, Personalizer, UserView, register_method
+from apm_bench.judging.candidates import StyleLabel
+from apm_bench.methods.base import (
+    FitContext,
+    FitUser,
+    MethodOptions,
+    Personalization,
+    Personalizer,
+    UserView,
+    register_method,
+)
 from apm_bench.methods.routing import LabelStrategy, Routing, label_distribution
-from apm_bench.methods.trained import artifact_key, existing_artifacts, history_features, ranked_candidates, trainer, training_request
-from apm_bench.training import CbpoSettings, Example, TrainingRecord, estimate_positive_prior, train_cbpo
+from apm_bench.methods.trained import (
+    artifact_key,
+    existing_artifacts,
+    history_features,
+    ranked_candidates,
+    trainer,
+    training_request,
+)
+from apm_bench.methods.training import CbpoSettings, Example, TrainingRecord, estimate_positive_prior, train_cbpo
 
 LABELS_FILE = "labels.json"
 

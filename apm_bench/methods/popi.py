@@ -24,12 +24,20 @@ from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import AdapterRef, Backend, GenerationRequest, Message, SamplingParams, chat
 from apm_bench.cache import cache_key
-from apm_bench.embed import HistoryEmbedder
 from apm_bench.errors import ConfigError, PromptFileError
-from apm_bench.methods.base import FitContext, FitUser, MethodOptions, Personalization, Personalizer, UserView, register_method
-from apm_bench.prompting import summarize_messages, summary_context
+from apm_bench.methods.base import (
+    FitContext,
+    FitUser,
+    MethodOptions,
+    Personalization,
+    Personalizer,
+    UserView,
+    register_method,
+)
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.methods.training import PreferencePair, TrainingRecord, can_train, train_dpo
 from apm_bench.sim.style import stable_seed
-from apm_bench.training import PreferencePair, TrainingRecord, can_train, train_dpo
+from apm_bench.world.prompting import summarize_messages, summary_context
 
 
 class PopiOptions(MethodOptions):

@@ -17,9 +17,9 @@ from pydantic import Field
 from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import chat
-from apm_bench.embed import HistoryEmbedder
 from apm_bench.methods.base import FitContext, MethodOptions, Personalization, Personalizer, UserView, register_method
-from apm_bench.prompting import example_block, history_block
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.world.prompting import example_block, history_block
 
 RAG_INSTRUCTION = (
     "The examples below come from users whose earlier messages resemble this user's. Each shows a "

@@ -20,8 +20,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from apm_bench.backends.base import chat
-from apm_bench.catalog import Principle
-from apm_bench.judge import SCORE_MIDPOINT
+from apm_bench.judging.judge import SCORE_MIDPOINT
 from apm_bench.methods.base import (
     FitContext,
     FitUser,
@@ -31,8 +30,9 @@ from apm_bench.methods.base import (
     UserView,
     register_method,
 )
-from apm_bench.embed import HistoryEmbedder
-from apm_bench.prompting import style_instruction
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.world.catalog import Principle
+from apm_bench.world.prompting import style_instruction
 
 LabelStrategy = Literal["abs", "abs_two_sided", "margin", "regression"]
 LABEL_STRATEGIES: tuple[str, ...] = ("abs", "abs_two_sided", "margin", "regression")

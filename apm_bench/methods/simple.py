@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from apm_bench.backends.base import chat
-from apm_bench.catalog import Principle
 from apm_bench.methods.base import FitContext, Personalization, Personalizer, UserView, register_method
-from apm_bench.prompting import history_context, style_instruction
-from apm_bench.users import Target
+from apm_bench.world.catalog import Principle
+from apm_bench.world.prompting import history_context, style_instruction
+from apm_bench.world.users import Target
 
 
 @register_method("baseline")

@@ -23,8 +23,15 @@ from torch import nn
 
 from apm_bench.backends.base import AdapterRef, GenerationRequest, SoftPrompt, chat
 from apm_bench.methods.base import FitContext, MethodOptions, Personalization, Personalizer, UserView, register_method
-from apm_bench.methods.trained import artifact_key, existing_artifacts, history_features, ranked_candidates, trainer, training_request
-from apm_bench.training import PreferencePair, PreferenceSettings, TrainingRecord, train_preference
+from apm_bench.methods.trained import (
+    artifact_key,
+    existing_artifacts,
+    history_features,
+    ranked_candidates,
+    trainer,
+    training_request,
+)
+from apm_bench.methods.training import PreferencePair, PreferenceSettings, TrainingRecord, train_preference
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"

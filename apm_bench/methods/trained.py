@@ -13,7 +13,7 @@ from apm_bench.backends.base import Backend, GenerationRequest, SamplingParams, 
 from apm_bench.cache import cache_key
 from apm_bench.errors import ConfigError
 from apm_bench.methods.base import FitContext, FitUser
-from apm_bench.training import can_train
+from apm_bench.methods.training import can_train
 
 
 def trainer(method: str, backend: Backend) -> Any:

@@ -22,8 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from apm_bench.catalog import Attribute, Principle
 from apm_bench.sim.style import LEVELS
+from apm_bench.world.catalog import Attribute, Principle
 
 
 class SimProfile(BaseModel):

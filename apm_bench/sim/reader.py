@@ -1,7 +1,7 @@
 """How the simulated model reads its context.
 
 A real LLM picks up four kinds of cues, and so does the simulator:
-- explicit style instructions (`FOLLOW Casual` / `AVOID Casual`, see `apm_bench.prompting`);
+- explicit style instructions (`FOLLOW Casual` / `AVOID Casual`, see `apm_bench.world.prompting`);
 - free-text talk about a preference ("prefers relaxed, informal answers"), through the catalog's
   keywords, with simple negation;
 - example responses marked as preferred / dispreferred, whose measured style it imitates;
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from apm_bench.backends.base import Message
-from apm_bench.catalog import Attribute, Principle
-from apm_bench.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG
 from apm_bench.sim.style import MAX_LEVEL, StyleCodec
+from apm_bench.world.catalog import Attribute, Principle
+from apm_bench.world.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG
 
 _NEGATIONS = frozenset("not no avoid avoids avoiding without never dislike dislikes less hates hate non".split())
 _TAGGED = re.compile(r"<(prompt|best_response|worst_response)>.*?</\1>", re.DOTALL)

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from apm_bench.catalog import Principle
+from apm_bench.world.catalog import Principle
 
 LEVELS = np.arange(-2, 3)
 MAX_LEVEL = int(LEVELS.max())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from apm_bench.catalog import Attribute, Principle
+from apm_bench.world.catalog import Attribute, Principle
 
 SUMMARY_LENGTH = 2
 DESCRIBE_STRENGTH = 3.0

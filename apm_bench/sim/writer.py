@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from apm_bench.catalog import Catalog, PersonaSeed
-from apm_bench.users import AttributeSetting
+from apm_bench.world.catalog import Catalog, PersonaSeed
+from apm_bench.world.users import AttributeSetting
 
 
 class SimWriterConfig(BaseModel):

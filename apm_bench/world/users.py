@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from apm_bench.catalog import Side
 from apm_bench.errors import ConfigError
+from apm_bench.world.catalog import Side
 
 NONZERO = 1e-9
 

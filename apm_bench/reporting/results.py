@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from apm_bench.metrics import MethodMetrics
-from apm_bench.report import plot_deltas, plot_training, render_report
-from apm_bench.runner import RunResult
+from apm_bench.judging.metrics import MethodMetrics
+from apm_bench.reporting.report import plot_deltas, plot_training, render_report
+from apm_bench.run.runner import RunResult
 
 SCHEMA_VERSION = 1
 TRACKED_PACKAGES = ("apm-bench", "numpy", "pandas", "scikit-learn", "torch", "sentence-transformers", "pydantic")

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from apm_bench.backends.base import Backend, GenerationRequest, SamplingParams, chat
-from apm_bench.catalog import Catalog, Side
-from apm_bench.judge import Judge, Rating, RatingRequest
-from apm_bench.prompting import style_instruction
+from apm_bench.judging.judge import Judge, Rating, RatingRequest
 from apm_bench.sim.style import stable_seed
+from apm_bench.world.catalog import Catalog, Side
+from apm_bench.world.prompting import style_instruction
 
 
 @dataclass(frozen=True)

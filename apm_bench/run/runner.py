@@ -18,24 +18,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from apm_bench.artifacts import ArtifactStore
 from apm_bench.backends.base import GenerationRequest, SamplingParams
-from apm_bench.candidates import CandidateBank
-from apm_bench.catalog import Catalog, load_catalog
-from apm_bench.config import RunConfig
-from apm_bench.embed import HistoryEmbedder
 from apm_bench.errors import ConfigError
-from apm_bench.feedback import FeedbackOracle
-from apm_bench.histories import HistoryWriter, Population, build_population, import_reference_conversations
-from apm_bench.engines import Engines, build_engines
-from apm_bench.judge import RatingRequest
+from apm_bench.judging.candidates import CandidateBank
+from apm_bench.judging.feedback import FeedbackOracle
+from apm_bench.judging.judge import RatingRequest
+from apm_bench.judging.metrics import MethodMetrics, compute_metrics
+from apm_bench.judging.reward import weighted_reward
 from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserView
-from apm_bench.metrics import MethodMetrics, compute_metrics
-from apm_bench.prompts import load_prompts
-from apm_bench.reward import weighted_reward
+from apm_bench.methods.artifacts import ArtifactStore
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.run.config import RunConfig
+from apm_bench.run.engines import Engines, build_engines
 from apm_bench.sim.style import stable_seed
 from apm_bench.sim.writer import SimHistoryWriter
-from apm_bench.world import World, build_world
+from apm_bench.world.catalog import Catalog, load_catalog
+from apm_bench.world.histories import HistoryWriter, Population, build_population, import_reference_conversations
+from apm_bench.world.prompts import load_prompts
+from apm_bench.world.world import World, build_world
 
 BASELINE = "baseline"
 ORACLE = "oracle"

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from apm_bench.catalog import Principle
 from apm_bench.cache import cache_key
-from apm_bench.judge import SCORE_MAX, SCORE_MIDPOINT, SCORE_MIN, Judge, Rating, RatingRequest
+from apm_bench.judging.judge import SCORE_MAX, SCORE_MIDPOINT, SCORE_MIN, Judge, Rating, RatingRequest
 from apm_bench.sim.style import StyleCodec, stable_seed
+from apm_bench.world.catalog import Principle
 
 POINTS_PER_LEVEL = 2.0
 SIM_JUDGE_VERSION = "1"  # bump when scoring changes, so cached ratings are not reused

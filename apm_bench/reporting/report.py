@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apm_bench.metrics import MethodMetrics
-from apm_bench.runner import BASELINE, RunResult
+from apm_bench.judging.metrics import MethodMetrics
+from apm_bench.run.runner import BASELINE, RunResult
 
 SIM_NOTE = (
     "> These numbers come from the embedded style simulator: they show whether a method infers and "

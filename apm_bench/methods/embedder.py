@@ -18,7 +18,6 @@ import numpy as np
 from apm_bench.cache import CacheStats, CallCache, cache_key
 
 
-
 class HistoryEmbedder:
     name = "all-MiniLM-L6-v2"
 

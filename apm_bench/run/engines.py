@@ -11,15 +11,16 @@ from typing import Any
 from apm_bench.backends import load_backend
 from apm_bench.backends.base import Backend
 from apm_bench.backends.cached import CachedBackend
+from apm_bench.backends.history_writer import LLMHistoryWriter
 from apm_bench.cache import CacheStats, CallCache
-from apm_bench.catalog import Catalog
-from apm_bench.config import SIM_JUDGE, RunConfig
-from apm_bench.embed import HistoryEmbedder
-from apm_bench.histories import HistoryWriter, LLMHistoryWriter
-from apm_bench.judge import CachedJudge, Judge
-from apm_bench.llm_judge import LLMJudge, LLMJudgeConfig
-from apm_bench.sim.judge import SimJudge
+from apm_bench.judging.judge import CachedJudge, Judge
+from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+from apm_bench.judging.sim_judge import SimJudge
+from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.run.config import SIM_JUDGE, RunConfig
 from apm_bench.sim.writer import SimHistoryWriter
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.histories import HistoryWriter
 
 
 @dataclass

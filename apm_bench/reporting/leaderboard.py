@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from apm_bench.errors import ApmError
-from apm_bench.results import RunRecord
+from apm_bench.reporting.results import RunRecord
 
 BASELINE, ORACLE = "baseline", "oracle"
 DATA_KEY = "apm-leaderboard-data"  # PNG text chunk: the hash of the CSV the plot was drawn from

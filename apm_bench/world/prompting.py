@@ -6,7 +6,7 @@ One place for them, because a real LLM and the simulator's reader must see the s
 
 from __future__ import annotations
 
-from apm_bench.catalog import Principle, Side
+from apm_bench.world.catalog import Principle, Side
 
 SIDE_WORDS: dict[Side, str] = {"follow": "FOLLOW", "avoid": "AVOID"}
 BEST_TAG = "best_response"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from apm_bench.judge import Rating, flip_for_side
-from apm_bench.users import Target
+from apm_bench.judging.judge import Rating, flip_for_side
+from apm_bench.world.users import Target
 
 
 @dataclass(frozen=True)

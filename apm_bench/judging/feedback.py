@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from apm_bench.candidates import Candidate, CandidateBank
 from apm_bench.errors import InformationBarrierError
-from apm_bench.judge import RatingRequest
-from apm_bench.reward import weighted_reward
-from apm_bench.users import Target
+from apm_bench.judging.candidates import Candidate, CandidateBank
+from apm_bench.judging.judge import RatingRequest
+from apm_bench.judging.reward import weighted_reward
+from apm_bench.world.users import Target
 
 
 class FeedbackOracle:

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from apm_bench.backends.base import Backend, GenerationRequest, chat
-from apm_bench.catalog import AntonymCatalog, Catalog, Principle, PrincipleMarkers
 from apm_bench.errors import CatalogError
-from apm_bench.judge import SCORE_MAX, SCORE_MIN, Judge, Rating, RatingRequest, flip_for_side
-from apm_bench.prompting import style_instruction
-from apm_bench.prompts import NeutralPrompt
+from apm_bench.judging.judge import SCORE_MAX, SCORE_MIN, Judge, Rating, RatingRequest, flip_for_side
 from apm_bench.sim.style import stable_seed
+from apm_bench.world.catalog import AntonymCatalog, Catalog, Principle, PrincipleMarkers
+from apm_bench.world.prompting import style_instruction
+from apm_bench.world.prompts import NeutralPrompt
 
 _RUBRIC = "1: the response clearly shows the opposite.\n5-6: neither.\n10: a perfect example."
 
@@ -136,11 +136,11 @@ def calibrate(
 ) -> tuple[Path, int]:
     """Build the engines, rate, and save `<judge>.npz` in the reference format; returns (path, dropped)."""
     from apm_bench.backends import load_backend
-    from apm_bench.catalog import load_catalog
-    from apm_bench.judge_analysis import save_judge_scores
-    from apm_bench.llm_judge import LLMJudge, LLMJudgeConfig
-    from apm_bench.prompts import load_prompts
-    from apm_bench.sim.judge import SimJudge, SimJudgeConfig
+    from apm_bench.judging.analysis import save_judge_scores
+    from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+    from apm_bench.judging.sim_judge import SimJudge, SimJudgeConfig
+    from apm_bench.world.catalog import load_catalog
+    from apm_bench.world.prompts import load_prompts
 
     catalog = load_catalog()
     if catalog.antonyms is None:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apm_bench.catalog import Catalog
-from apm_bench.histories import Population, PopulationUser
-from apm_bench.mapping import MappingKind, draw_world_matrix
-from apm_bench.users import Split, Target, attribute_vector, split_users, targets_from_response_vector
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.histories import Population, PopulationUser
+from apm_bench.world.mapping import MappingKind, draw_world_matrix
+from apm_bench.world.users import Split, Target, attribute_vector, split_users, targets_from_response_vector
 
 
 @dataclass(frozen=True)

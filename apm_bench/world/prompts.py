@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from apm_bench.catalog import default_catalog_dir
 from apm_bench.errors import PromptFileError
+from apm_bench.world.catalog import default_catalog_dir
 
 
 class NeutralPrompt(BaseModel):

@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apm_bench.errors import ConfigError, first_error
-from apm_bench.mapping import MappingKind
-from apm_bench.sim.judge import SimJudgeConfig
+from apm_bench.judging.sim_judge import SimJudgeConfig
 from apm_bench.sim.writer import SimWriterConfig
+from apm_bench.world.mapping import MappingKind
 
 Control = Literal["no-history", "shuffled-history"]
 SIM_JUDGE = "sim-judge"

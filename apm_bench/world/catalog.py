@@ -174,7 +174,7 @@ def _require_unique_substring_free(kind: str, values: list[str]) -> None:
 
 def default_catalog_dir(name: str) -> Path:
     """Catalog folders live at the repository root; an installed wheel carries copies inside the package."""
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]
     for candidate in (package_dir.parent / name, package_dir / "_catalogs" / name):
         if candidate.is_dir():
             return candidate

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from apm_bench.config import MappingKind, RunConfig
 from apm_bench.errors import ConfigError, first_error
+from apm_bench.run.config import MappingKind, RunConfig
 
 
 class SuiteConfig(BaseModel):
@@ -78,8 +78,8 @@ def run_suite(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Path]:
     """Run every setting and record each run; returns the run folders."""
-    from apm_bench.results import write_run
-    from apm_bench.runner import plan_methods, prepare, run_benchmark
+    from apm_bench.reporting.results import write_run
+    from apm_bench.run.runner import plan_methods, prepare, run_benchmark
 
     plans = plan_suite(suite, only)
     for _, config in plans:  # bad methods, options or catalogs fail before the first run

@@ -15,10 +15,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from apm_bench.backends.base import Backend, Generation, GenerationRequest, Message, SamplingParams
-from apm_bench.catalog import Principle
-from apm_bench.judge import SCORE_MAX, SCORE_MIN, Judge, Rating, RatingRequest
 from apm_bench.cache import cache_key
+from apm_bench.judging.judge import SCORE_MAX, SCORE_MIN, Judge, Rating, RatingRequest
 from apm_bench.sim.style import stable_seed
+from apm_bench.world.catalog import Principle
 
 JUDGE_SYSTEM = (
     "You are an impartial expert evaluator of writing style. You rate ONLY how strongly an AI "
