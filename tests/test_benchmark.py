@@ -171,6 +171,51 @@ def test_default_config_oracle_and_routing_improve_significantly(default_run) ->
     assert {"routing[abs]", "routing[abs_two_sided]", "routing[margin]", "routing[regression]", "history"} <= labels
 
 
+def test_the_prior_runs_beside_every_method_and_earns_nothing_on_a_balanced_population(default_run) -> None:  # type: ignore[no-untyped-def]
+    prior = _pooled(default_run, "prior")
+    assert prior.n_users == _pooled(default_run, "routing[margin]").n_users
+    assert prior.ci_low < 0 < prior.ci_high
+    assert abs(prior.delta) < 0.15
+    assert _pooled(default_run, "routing[margin]").ci_low > prior.ci_high  # routing reads histories, the prior cannot
+
+
+def _lopsided_population(path, n_users: int, follow_share: float) -> None:  # type: ignore[no-untyped-def]
+    """A reference-format file whose users all have 'verbose' active, most on its follow side."""
+    import json
+
+    from apm_bench.world.prompts import load_prompts
+
+    texts = [p.text for p in load_prompts()]
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(n_users):
+            side = "follow" if index < follow_share * n_users else "avoid"
+            conversations = [{"messages": [{"role": "user", "content": texts[(index * 3 + k) % len(texts)]}]} for k in range(3)]
+            handle.write(json.dumps({"user_idx": index, "rewrite_style_attributes": [{"attribute": "verbose", "side": side}],
+                                     "conversations": conversations}) + "\n")
+
+
+def test_the_prior_row_exposes_a_lopsided_population(embedder: HistoryEmbedder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The failure the balanced design prevents, on an imported population that is not balanced:
+    one instruction for everyone wins, and routing wins without any history. The prior row shows it."""
+    path = tmp_path / "lopsided.jsonl"
+    _lopsided_population(path, 200, follow_share=0.75)
+    config = RunConfig(methods=["routing"], conversations_file=path, worlds=[0, 1], control="no-history", bootstrap_resamples=500)
+    result = run_benchmark(config, embedder=embedder)
+    assert _pooled(result, "prior").ci_low > 0
+    assert _pooled(result, "routing").ci_low > 0
+
+
+def test_split_per_world_gives_each_world_its_own_stratified_split(embedder: HistoryEmbedder) -> None:
+    def test_users(split_per_world: bool) -> dict[int, set[str]]:
+        config = RunConfig(methods=["prior"], worlds=[0, 1], split_per_world=split_per_world, **SMALL)
+        samples = run_benchmark(config, embedder=embedder).samples
+        return {w: set(rows["user_id"]) for w, rows in samples[samples["method"] == "prior"].groupby("world")}
+
+    fixed, fresh = test_users(False), test_users(True)
+    assert fixed[0] == fixed[1]
+    assert fresh[0] != fresh[1] and len(fresh[0]) == len(fresh[1]) == len(fixed[0])
+
+
 def test_no_history_control_removes_routing_gain(embedder: HistoryEmbedder) -> None:
     result = run_benchmark(RunConfig(methods=["routing"], control="no-history"), embedder=embedder)
     routing = _pooled(result, "routing")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from fit_context import world_zero
 
+from apm_bench.methods import UserView
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.rag import Rag
 from apm_bench.run.config import RunConfig
@@ -127,3 +128,20 @@ def test_popi_summarizer_is_stored_and_reused_by_a_fresh_engine(embedder: Histor
     assert again.training_records()[0].reused and again.adapter == first.adapter
     assert again.summaries_for(users) == summaries
     fresh_engines.close()
+
+
+def test_prior_instructs_the_label_with_the_best_mean_over_training_users(embedder: HistoryEmbedder) -> None:
+    from apm_bench.methods.simple import Prior
+    from apm_bench.world.prompting import style_instruction
+
+    engines, _, world, context = world_zero(embedder, n_train=60)
+    scores = np.stack([context.feedback.scores(u.id) for u in context.train_users])
+    best = context.feedback.labels[int(np.nanargmax(np.nanmean(scores, axis=0)))]
+    prior = Prior()
+    prior.fit(context)
+    principle = next(p for p in context.principles if p.id == best.principle)
+    for user_id in world.split.test[:3]:
+        made = prior.personalize(UserView(user_id, tuple(world.users[user_id].history)), "hello")
+        assert made.messages[0].content == style_instruction(principle, best.side)
+    assert prior.personalize(UserView("x", ()), "hi").messages == prior.personalize(UserView("y", ("long past",)), "hi").messages
+    engines.close()

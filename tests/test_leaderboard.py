@@ -24,22 +24,32 @@ def _apm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ})
 
 
+def _pooled_deltas(setting: Path, control: str | None) -> dict[str, float]:
+    """Pooled Δ per method of the one run of `setting` recorded under `control`."""
+    folder = next(f.parent for f in setting.rglob("config.json") if json.loads(f.read_text())["control"] == control)
+    record = json.loads((folder / "metrics.json").read_text())
+    return {m["method"]: m["delta"] for m in record["metrics"] if m["world"] == "pooled"}
+
+
 @pytest.fixture(scope="module")
 def suite_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("suite")
     suite = SuiteConfig(methods=["routing", "history"], mappings=["permutation", "dense"], n_attr=[1], worlds=[0],
                         out=out / "runs", run={"users": 80})
     folders = run_suite(suite)
-    assert len(folders) == 2
+    assert len(folders) == 4  # each setting, and each setting under the no-history control
     return out
 
 
 def test_suite_config_plans_every_setting_and_rejects_bad_input(tmp_path: Path) -> None:
     suite = load_suite(REPO / "configs" / "leaderboard.yaml")
     plans = plan_suite(suite)
-    assert [name for name, _ in plans] == ["sim-large__permutation__nattr1", "sim-large__permutation__nattr2",
-                                            "sim-large__dense__nattr1", "sim-large__dense__nattr2"]
+    settings = ["sim-large__permutation__nattr1", "sim-large__permutation__nattr2",
+                "sim-large__dense__nattr1", "sim-large__dense__nattr2"]
+    assert [name for name, _ in plans] == [n for s in settings for n in (s, f"{s} (no-history)")]
+    assert [c.control for _, c in plans] == [None, "no-history"] * 4
     assert all(c.worlds == [0, 1, 2] and not c.keep_artifacts for _, c in plans)
+    assert [c.out for _, c in plans][:2] == [suite.out / settings[0]] * 2  # a control run lives with its setting
     assert {tuple(c.methods) for _, c in plan_suite(suite, only="cbpo")} == {("cbpo",)}
     with pytest.raises(ApmError, match="Did you mean .routing."):
         plan_suite(suite, only="rooting")
@@ -57,8 +67,20 @@ def test_leaderboard_is_deterministic_and_its_check_catches_an_edited_metric(sui
     assert [p.read_bytes() for p in (first.markdown, first.csv, first.png)] == contents
     check(runs, out)  # passes on what it just wrote
     table = pd.read_csv(first.csv)
-    assert set(table["mapping"]) == {"permutation", "dense"} and set(table["method"]) == {"oracle", "routing", "history"}
+    assert set(table["mapping"]) == {"permutation", "dense"}
+    assert set(table["method"]) == {"oracle", "prior", "routing", "history"}
     assert table["simulator"].all() and "(simulator)" in first.markdown.read_text()
+    assert "prior (reference: no history read)" in first.markdown.read_text()
+    # the no-history column comes from each setting's control run, one value per method
+    assert table["no_history_delta"].notna().all()
+    for mapping, group in table.groupby("mapping"):
+        pooled = _pooled_deltas(runs / f"sim-large__{mapping}__nattr1", control="no-history")
+        for row in group.itertuples():
+            assert row.no_history_delta == pytest.approx(pooled[row.method], abs=5e-5)
+        by_method = group.set_index("method")
+        assert by_method.loc["history", "no_history_delta"] == 0  # an empty history sends the baseline's request
+        for reference in ("oracle", "prior"):  # they read no history, so the control changes nothing
+            assert by_method.loc[reference, "no_history_delta"] == pytest.approx(by_method.loc[reference, "delta"], abs=5e-5)
 
     metrics = next(runs.rglob("metrics.json"))
     original = metrics.read_text()

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apm_bench.errors import ConfigError
+from apm_bench.sim.writer import SimHistoryWriter, SimWriterConfig
+from apm_bench.world.catalog import Catalog
+from apm_bench.world.histories import build_population
 from apm_bench.world.mapping import draw_world_matrix, overlaid_permutations, signed_permutation
-from apm_bench.world.users import AttributeSetting, Target, attribute_vector, split_users, targets_from_response_vector
+from apm_bench.world.prompts import load_prompts
+from apm_bench.world.users import (
+    AttributeSetting,
+    Target,
+    attribute_vector,
+    draw_balanced_attribute_settings,
+    split_users,
+    stratum,
+    targets_from_response_vector,
+)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -110,3 +126,67 @@ def test_split_is_disjoint_and_complete() -> None:
     assert len(split.test) == 25 and len(split.validation) == 10 and len(split.train) == 65
     assert set(split.train) | set(split.validation) | set(split.test) == set(ids)
     assert not (set(split.train) & set(split.test)) and not (set(split.validation) & set(split.test))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_users=st.integers(10, 600), n_attr=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_balanced_population_uses_attributes_and_sides_evenly(n_users: int, n_attr: int, seed: int) -> None:
+    ids = [f"a{i}" for i in range(10)]
+    population = draw_balanced_attribute_settings(ids, n_attr, n_users, np.random.default_rng(seed))
+    assert len(population) == n_users
+    assert all(len({s.attribute for s in user}) == n_attr for user in population)
+    used = Counter(s.attribute for user in population for s in user)
+    lean = Counter()
+    for user in population:
+        for s in user:
+            lean[s.attribute] += 1 if s.side == "follow" else -1
+    assert max(used[a] for a in ids) - min(used[a] for a in ids) <= 1
+    assert max(abs(v) for v in lean.values()) <= 1
+
+
+def _cell_counts(user_ids: list[str], settings: dict[str, list[AttributeSetting]]) -> Counter:
+    return Counter(f"{s.attribute}:{s.side}" for u in user_ids for s in settings[u])
+
+
+@pytest.mark.parametrize("n_attr,n_users", [(1, 400), (1, 403), (2, 400), (2, 1600)])
+def test_stratified_split_divides_every_cell_in_proportion(n_attr: int, n_users: int) -> None:
+    ids = [f"a{i}" for i in range(10)]
+    population = draw_balanced_attribute_settings(ids, n_attr, n_users, np.random.default_rng(7))
+    users = [f"u{i}" for i in range(n_users)]
+    settings = dict(zip(users, population))
+    split = split_users(users, 0.1, 0.25, np.random.default_rng(1), strata=[stratum(s) for s in population])
+    assert len(split.test) == round(0.25 * n_users) and len(split.validation) == round(0.1 * n_users)
+    assert sorted(split.train + split.validation + split.test) == sorted(users)
+    total = _cell_counts(users, settings)
+    for part in (split.test, split.validation, split.train):
+        share = len(part) / n_users
+        counts = _cell_counts(part, settings)
+        assert max(abs(counts[cell] - share * total[cell]) for cell in total) <= 1.5
+
+
+def test_an_unstratified_split_keeps_chance_imbalances() -> None:
+    """The contrast that makes stratification necessary: a random split of the same users is off by several."""
+    ids = [f"a{i}" for i in range(10)]
+    population = draw_balanced_attribute_settings(ids, 1, 400, np.random.default_rng(7))
+    users = [f"u{i}" for i in range(400)]
+    settings = dict(zip(users, population))
+    split = split_users(users, 0.1, 0.25, np.random.default_rng(1))
+    counts, total = _cell_counts(split.test, settings), _cell_counts(users, settings)
+    assert max(abs(counts[cell] - 0.25 * total[cell]) for cell in total) >= 3
+
+
+def test_iid_attributes_reproduce_the_unbalanced_draw(catalog: Catalog) -> None:
+    """--iid-attributes keeps the earlier user-by-user draw, in which data seed 13 has 23 more
+    'very unpolished' than 'not at all unpolished' users; its balanced population leans by at most one."""
+    prompts = load_prompts()
+    writer = SimHistoryWriter(catalog, SimWriterConfig())
+
+    def lean(balanced: bool) -> Counter:
+        population = build_population(catalog, prompts, writer, 400, 1, 8, seed=13, balanced=balanced)
+        counts: Counter = Counter()
+        for user in population.users:
+            counts[user.attributes[0].attribute] += 1 if user.attributes[0].side == "follow" else -1
+        return counts
+
+    assert lean(False).most_common(1) == [("unpolished", 23)]
+    assert max(map(abs, lean(True).values())) <= 1

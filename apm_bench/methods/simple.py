@@ -1,6 +1,8 @@
-"""Methods without a learning step: the baseline, the oracle upper bound, history in context."""
+"""Methods without a real learning step: the baseline, the oracle upper bound, the prior, history in context."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from apm_bench.backends.base import chat
 from apm_bench.methods.base import FitContext, Personalization, Personalizer, UserView, register_method
@@ -36,6 +38,33 @@ class Oracle(Personalizer):
     def personalize(self, user: UserView, prompt: str) -> Personalization:
         top = max(self._targets[user.id], key=lambda t: t.weight)
         return Personalization(chat(prompt, system=style_instruction(self._principles[top.principle], top.side)))
+
+
+@register_method("prior")
+class Prior(Personalizer):
+    description = "Reference: the one instruction that scores best on average over training users (reads no history)."
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._instruction: str | None = None
+        self.chosen: str | None = None
+
+    def fit(self, context: FitContext) -> None:
+        """What any method could earn without reading a history: near 0 when the population is balanced."""
+        scores = np.stack([context.feedback.scores(u.id) for u in context.train_users])
+        counts = (~np.isnan(scores)).sum(axis=0)
+        if not counts.any():
+            raise RuntimeError("prior: no training user has a scorable candidate")
+        means = np.where(counts > 0, np.nansum(scores, axis=0) / np.maximum(counts, 1), -np.inf)
+        label = context.feedback.labels[int(np.argmax(means))]
+        principles = {p.id: p for p in context.principles}
+        self._instruction = style_instruction(principles[label.principle], label.side)
+        self.chosen = f"{label.side} {label.principle}"
+
+    def personalize(self, user: UserView, prompt: str) -> Personalization:
+        if self._instruction is None:
+            raise RuntimeError("prior must be fitted before it personalizes")
+        return Personalization(chat(prompt, system=self._instruction))
 
 
 @register_method("history")

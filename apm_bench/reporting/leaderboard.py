@@ -22,13 +22,16 @@ import pandas as pd
 from apm_bench.errors import ApmError
 from apm_bench.reporting.results import RunRecord
 
-BASELINE, ORACLE = "baseline", "oracle"
+BASELINE, ORACLE, PRIOR = "baseline", "oracle", "prior"
+#: reference rows and how the tables name them
+REFERENCE_NAMES = {ORACLE: "oracle (upper bound)", PRIOR: "prior (reference: no history read)"}
 DATA_KEY = "apm-leaderboard-data"  # PNG text chunk: the hash of the CSV the plot was drawn from
 #: what makes two runs comparable: one table per distinct value
 SETTING = ["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"]
 COLUMNS = [
     "model", "simulator", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "method", "n_users",
-    "delta", "ci_low", "ci_high", "win", "tie", "loss", "gain", "lc_delta", "failed_ratings",
+    "delta", "ci_low", "ci_high", "win", "tie", "loss", "gain", "lc_delta",
+    "no_history_delta", "no_history_ci_low", "no_history_ci_high", "failed_ratings",
     "generation_calls", "training_steps", "fit_seconds", "run_id",
 ]
 
@@ -94,8 +97,7 @@ def length_controlled_delta(samples: pd.DataFrame, method: str) -> float | None:
 def _run_rows(folder: Path) -> list[dict[str, Any]]:
     record = RunRecord.model_validate_json((folder / "metrics.json").read_text(encoding="utf-8"))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if config.get("control"):
-        return []  # control runs (no-history, shuffled) are diagnostics, not leaderboard entries
+    control = config.get("control") or ""
     samples_path = folder / "samples.parquet"
     samples = pd.read_parquet(samples_path, columns=["world", "user_id", "method", "response", "reward"]) if samples_path.is_file() else None
     setting = _setting(config)
@@ -112,7 +114,7 @@ def _run_rows(folder: Path) -> list[dict[str, Any]]:
             "generation_calls": int(costs.get(f"generate:{m.method}", {}).get("calls", 0)),
             "training_steps": int(costs.get(f"fit:{m.method}", {}).get("training_steps", 0)),
             "fit_seconds": round(costs.get(f"fit:{m.method}", {}).get("seconds", 0.0), 1),
-            "run_id": record.run_id, "_created": record.created,
+            "run_id": record.run_id, "_created": record.created, "_control": control,
         })
     return rows
 
@@ -124,8 +126,13 @@ def collect(runs: Path) -> pd.DataFrame:
     if not rows:
         raise ApmError(f"no recorded runs under {runs} (run `apm suite run CONFIG` first)")
     frame = pd.DataFrame(rows).sort_values(["_created", "run_id"])
-    frame = frame.drop_duplicates(SETTING + ["method"], keep="last").drop(columns="_created")
-    frame["_order"] = (frame["method"] != ORACLE).astype(int)
+    frame = frame.drop_duplicates(SETTING + ["method", "_control"], keep="last").drop(columns="_created")
+    controls = frame[frame["_control"] == "no-history"].set_index(SETTING + ["method"])[["delta", "ci_low", "ci_high"]]
+    frame = frame[frame["_control"] == ""].drop(columns="_control")
+    if frame.empty:
+        raise ApmError(f"only control runs under {runs}: a leaderboard needs the runs they control")
+    frame = frame.join(controls.add_prefix("no_history_"), on=SETTING + ["method"])
+    frame["_order"] = frame["method"].map({ORACLE: 0, PRIOR: 1}).fillna(2)
     frame = frame.sort_values(["simulator", *SETTING, "_order", "delta", "method"],
                               ascending=[True] * (1 + len(SETTING)) + [True, False, True])
     return frame.drop(columns="_order")[COLUMNS].reset_index(drop=True)
@@ -150,6 +157,11 @@ def to_markdown(frame: pd.DataFrame) -> str:
         "on response-length differences (AlpacaEval-style length control); failures = judge ratings that failed",
         "(never scored); cost = generation calls, training steps and fit seconds per run.",
         "",
+        "Reference rows: the oracle instructs each user's true top target (the upper bound); the prior gives every user",
+        "the one instruction that scored best over training users, reading no history: what any method gets for free.",
+        "No-history Δ = the same method run with empty histories (the control): it should contain 0, and a method",
+        "whose no-history Δ is as large as its Δ is not reading histories.",
+        "",
         "Rows marked *simulator* come from the embedded style simulator: they show whether a method infers and acts",
         "on hidden preferences in a controlled world, not how it does on real LLMs.",
         "",
@@ -160,14 +172,15 @@ def to_markdown(frame: pd.DataFrame) -> str:
         title = Setting(first.model, bool(first.simulator), first.engine, first.mapping, int(first.n_attr), first.worlds,
                         int(first.users), int(first.history_len)).title
         lines += ["", f"## {title}", "",
-                  "| method | Δ | 95 % CI | W/T/L | gain | LC Δ | failures | cost (calls · steps · fit s) |",
-                  "|---|---:|---|---|---:|---:|---:|---|"]
+                  "| method | Δ | 95 % CI | W/T/L | gain | LC Δ | no-history Δ [95 % CI] | failures | cost (calls · steps · fit s) |",
+                  "|---|---:|---|---|---:|---:|---|---:|---|"]
         for r in rows.itertuples():
-            name = f"{r.method} (upper bound)" if r.method == ORACLE else r.method
+            control = "–" if pd.isna(r.no_history_delta) else (
+                f"{r.no_history_delta:+.3f} [{r.no_history_ci_low:+.3f}, {r.no_history_ci_high:+.3f}]")
             lines.append(
-                f"| {name} | {r.delta:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.win:.2f}/{r.tie:.2f}/{r.loss:.2f} | "
-                f"{_fmt(r.gain, '.2f')} | {_fmt(r.lc_delta, '+.3f')} | {r.failed_ratings} | "
-                f"{r.generation_calls} · {r.training_steps} · {r.fit_seconds:.1f} |"
+                f"| {REFERENCE_NAMES.get(r.method, r.method)} | {r.delta:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | "
+                f"{r.win:.2f}/{r.tie:.2f}/{r.loss:.2f} | {_fmt(r.gain, '.2f')} | {_fmt(r.lc_delta, '+.3f')} | {control} | "
+                f"{r.failed_ratings} | {r.generation_calls} · {r.training_steps} · {r.fit_seconds:.1f} |"
             )
     return "\n".join(lines) + "\n"
 

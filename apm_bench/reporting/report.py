@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from apm_bench.judging.metrics import MethodMetrics
+from apm_bench.run.config import RunConfig
 from apm_bench.run.runner import BASELINE, RunResult
 
 SIM_NOTE = (
@@ -31,6 +32,17 @@ def metrics_table(metrics: list[MethodMetrics]) -> str:
     return "\n".join(lines)
 
 
+def ci_coverage(config: RunConfig) -> str:
+    """Which sources of variance the CI covers, so nobody reads more into it than it holds."""
+    split = "the train/test split (drawn per world)" if config.split_per_world else ""
+    covered = ", ".join(s for s in ("test users", "the hidden mapping C (worlds are resampled)", split) if s)
+    fixed = "the population (attributes, histories, prompts) of data seed " + str(config.data_seed)
+    if not config.split_per_world:
+        fixed += " and its split"
+    return (f"The 95 % CI is a seeded bootstrap over worlds, then users; it covers {covered}. It does not cover "
+            f"{fixed}: compare data seeds (`--data-seed`) for that.")
+
+
 def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
     config = result.config
     pooled = [m for m in result.metrics if m.world == "pooled"]
@@ -47,8 +59,10 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
         f"pool {config.pool} · mapping {config.mapping} (n_perm {config.n_perm}) · history {config.history_len} "
         f"· control {config.control or 'none'} · population {result.population_source} · {wall_seconds:.1f} s",
         f"Baseline mean reward (pooled): {baseline.mean_reward:.3f}" if baseline else "",
-        "## Pooled over worlds\n\nΔ = mean over test users of R(method) − R(baseline); CI: seeded "
-        "bootstrap resampling worlds and the users within them; gain = Δ / Δ(oracle).\n\n" + metrics_table(pooled),
+        "## Pooled over worlds\n\nΔ = mean over test users of R(method) − R(baseline); gain = Δ / Δ(oracle). "
+        "The prior row gives every user the one instruction that scored best over training users and reads no "
+        f"history: a method personalizes only as far as it clears the prior. {ci_coverage(config)}\n\n"
+        + metrics_table(pooled),
         "![Δ score per method](delta.png)",
         "## Per world\n\n" + metrics_table(per_world),
         summaries_section(result.samples),

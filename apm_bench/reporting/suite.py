@@ -1,5 +1,6 @@
 """The benchmark suite behind the leaderboard: methods × models × mapping kinds × active attributes
-per user, each setting one recorded run over the same world seeds.
+per user, each setting one recorded run over the same world seeds, plus one run per control
+(no-history by default) so the leaderboard shows what every method scores without histories.
 
 A setting's runs live in `<out>/<setting>/`; `apm leaderboard` takes each method's row from the
 newest run of its setting that has it, so `apm suite run CONFIG --only METHOD` adds or refreshes one
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apm_bench.errors import ConfigError, first_error
-from apm_bench.run.config import MappingKind, RunConfig
+from apm_bench.run.config import Control, MappingKind, RunConfig
 
 
 class SuiteConfig(BaseModel):
@@ -31,12 +32,16 @@ class SuiteConfig(BaseModel):
     n_attr: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
     worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     out: Path = Path("results/suite")
+    #: controls run for every setting and method beside the real run (their Δ should be ≈ 0)
+    controls: list[Control] = Field(default_factory=lambda: ["no-history"])
     #: any other run option, shared by every setting (users, history_len, method_options, ...)
     run: dict[str, Any] = Field(default_factory=dict)
 
 
 def setting_name(model: str, mapping: str, n_attr: int) -> str:
-    return f"{model.replace('/', '--')}__{mapping}__nattr{n_attr}"
+    from apm_bench.reporting.results import safe_name
+
+    return f"{safe_name(model)}__{mapping}__nattr{n_attr}"
 
 
 def load_suite(path: Path) -> SuiteConfig:
@@ -64,10 +69,12 @@ def plan_suite(suite: SuiteConfig, only: str | None = None) -> list[tuple[str, R
         name = setting_name(model, mapping, n_attr)
         options = {**suite.run, "methods": methods, "model": model, "mapping": mapping, "n_attr": n_attr,
                    "worlds": suite.worlds, "out": suite.out / name, "keep_artifacts": False}
-        try:
-            plans.append((name, RunConfig.model_validate(options)))
-        except ValidationError as exc:
-            raise ConfigError(f"setting {name}: invalid run option {first_error(exc)}") from None
+        for control in [None, *suite.controls]:
+            label = name if control is None else f"{name} ({control})"
+            try:
+                plans.append((label, RunConfig.model_validate({**options, "control": control})))
+            except ValidationError as exc:
+                raise ConfigError(f"setting {label}: invalid run option {first_error(exc)}") from None
     return plans
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from apm_bench.errors import ConfigError, PromptFileError, first_error
 from apm_bench.world.catalog import Catalog, PersonaSeed
 from apm_bench.world.prompts import NeutralPrompt, read_jsonl_objects
-from apm_bench.world.users import AttributeSetting, draw_attribute_settings
+from apm_bench.world.users import AttributeSetting, draw_attribute_settings, draw_balanced_attribute_settings
 
 
 class PopulationUser(BaseModel):
@@ -57,15 +57,21 @@ def build_population(
     n_attr: int,
     history_len: int,
     seed: int,
+    balanced: bool = True,
 ) -> Population:
-    """Each user gets history_len + 1 distinct neutral prompts; the last becomes the evaluation prompt."""
+    """Each user gets history_len + 1 distinct neutral prompts; the last becomes the evaluation prompt.
+
+    `balanced` draws the attribute settings of the whole population by design (see
+    `draw_balanced_attribute_settings`); otherwise each user draws them independently.
+    """
     conversations = history_len + 1
     if conversations > len(prompts):
         raise ConfigError(f"history_len {history_len} needs {conversations} prompts, the prompt set has {len(prompts)}")
     rng = np.random.default_rng([seed, 0xA77])
+    designed = draw_balanced_attribute_settings(catalog.attribute_ids, n_attr, n_users, rng) if balanced else None
     users = []
     for index in range(n_users):
-        settings = draw_attribute_settings(catalog.attribute_ids, n_attr, rng)
+        settings = designed[index] if designed else draw_attribute_settings(catalog.attribute_ids, n_attr, rng)
         persona = catalog.seeds[int(rng.integers(len(catalog.seeds)))] if catalog.seeds else None
         chosen = [prompts[i] for i in rng.choice(len(prompts), size=conversations, replace=False)]
         messages = writer.rewrite([p.text for p in chosen], settings, persona, rng)
@@ -79,7 +85,7 @@ def build_population(
                 prompt_id=chosen[-1].id,
             )
         )
-    return Population(source=f"simulated(seed={seed})", users=users)
+    return Population(source=f"simulated(seed={seed}{'' if balanced else ', iid attributes'})", users=users)
 
 
 # --------------------------------------------------------------------------- reference format

@@ -45,6 +45,53 @@ def draw_attribute_settings(
     ]
 
 
+def draw_balanced_attribute_settings(
+    attribute_ids: list[str], n_attr: int, n_users: int, rng: np.random.Generator
+) -> list[list[AttributeSetting]]:
+    """Attribute settings for a whole population, balanced by construction.
+
+    Independent fair draws leave a finite population with more users on one side of some attribute
+    (400 users: often 20+ more). The split keeps that imbalance in training and test, and since C
+    maps the attribute to some principle side in every world, "always instruct the majority label"
+    then scores in every world without reading a history. Here every user takes the n_attr least
+    used attributes (ties broken at random, preferring attribute pairs used least), so attribute
+    counts differ by at most one; each attribute's side is the one it has fewer users on (a coin
+    flip on a tie), so its follow and avoid counts differ by at most one as well.
+    """
+    if not 1 <= n_attr <= len(attribute_ids):
+        raise ConfigError(f"n_attr must be between 1 and {len(attribute_ids)}, got {n_attr}")
+    n = len(attribute_ids)
+    used = np.zeros(n, dtype=int)
+    lean = np.zeros(n, dtype=int)  # follow minus avoid users
+    together = np.zeros((n, n), dtype=int)
+    population = []
+    for _ in range(n_users):
+        chosen: list[int] = []
+        while len(chosen) < n_attr:
+            open_ = [i for i in range(n) if i not in chosen]
+            fewest = min(used[i] for i in open_)
+            pool = [i for i in open_ if used[i] == fewest]
+            pair_use = np.array([sum(together[i, j] for j in chosen) for i in pool])
+            pool = [i for i, c in zip(pool, pair_use) if c == pair_use.min()]
+            chosen.append(int(pool[int(rng.integers(len(pool)))]))
+        for i in chosen:
+            used[i] += 1
+            for j in chosen:
+                together[i, j] += i != j
+        settings = []
+        for i in sorted(chosen):
+            follow = lean[i] < 0 or (lean[i] == 0 and rng.random() < 0.5)
+            lean[i] += 1 if follow else -1
+            settings.append(AttributeSetting(attribute=attribute_ids[i], side="follow" if follow else "avoid"))
+        population.append(settings)
+    return population
+
+
+def stratum(settings: list[AttributeSetting]) -> str:
+    """The (attribute, side) cells of a user, as one key for stratified splitting."""
+    return "|".join(sorted(f"{s.attribute}:{s.side}" for s in settings))
+
+
 def attribute_vector(settings: list[AttributeSetting], attribute_ids: list[str]) -> np.ndarray:
     """a_u ∈ {−1, 0, +1}^A."""
     vector = np.zeros(len(attribute_ids))
@@ -86,17 +133,93 @@ class Split:
 
 
 def split_users(
-    user_ids: list[str], validation_fraction: float, test_fraction: float, rng: np.random.Generator
+    user_ids: list[str],
+    validation_fraction: float,
+    test_fraction: float,
+    rng: np.random.Generator,
+    strata: list[str] | None = None,
 ) -> Split:
-    """Random disjoint train / validation / test sets; every set gets at least one user."""
+    """Disjoint train / validation / test sets; every set gets at least one user.
+
+    With `strata` (one key per user, e.g. `stratum(attributes)`) the split is stratified: users are
+    laid out stratum by stratum (strata and members in random order) and every k-th position goes
+    to test, then to validation, so each stratum is divided in the same proportions to within one
+    user. Without them it is a plain random split.
+    """
     n = len(user_ids)
     n_test = max(1, round(n * test_fraction))
     n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
     if n_test + n_val >= n:
         raise ConfigError(f"{n} users are too few for the requested validation and test fractions")
-    order = [user_ids[i] for i in rng.permutation(n)]
+    if strata is None:
+        order = [user_ids[i] for i in rng.permutation(n)]
+        return Split(
+            test=sorted(order[:n_test]),
+            validation=sorted(order[n_test : n_test + n_val]),
+            train=sorted(order[n_test + n_val :]),
+        )
+    keys = sorted(set(strata))
+    rank = {key: position for position, key in enumerate(rng.permutation(len(keys)))}
+    shuffle = rng.permutation(n)
+    layout = sorted(range(n), key=lambda i: (rank[keys.index(strata[i])], shuffle[i]))
+    test_positions = _evenly_spaced(n, n_test, float(rng.random()))
+    rest = [p for p in range(n) if p not in test_positions]
+    validation_positions = {rest[p] for p in _evenly_spaced(len(rest), n_val, float(rng.random()))}
+    role = np.zeros(n, dtype=int)  # 0 train, 1 validation, 2 test
+    role[[layout[p] for p in test_positions]] = 2
+    role[[layout[p] for p in validation_positions]] = 1
+    role = _balance_cells(role, strata, rng)
     return Split(
-        test=sorted(order[:n_test]),
-        validation=sorted(order[n_test : n_test + n_val]),
-        train=sorted(order[n_test + n_val :]),
+        test=sorted(user_ids[i] for i in np.flatnonzero(role == 2)),
+        validation=sorted(user_ids[i] for i in np.flatnonzero(role == 1)),
+        train=sorted(user_ids[i] for i in np.flatnonzero(role == 0)),
     )
+
+
+def _balance_cells(role: np.ndarray, strata: list[str], rng: np.random.Generator, rounds: int = 20) -> np.ndarray:
+    """Swap users between sets while that brings each set's (attribute, side) cells closer to its share.
+
+    A user with two attributes belongs to two cells, so laying out strata cannot balance every
+    cell at once; swaps that lower the total deviation from proportional counts can. Set sizes
+    never change. With one attribute per user the layout is already balanced and nothing moves.
+    """
+    cells = sorted({cell for key in strata for cell in key.split("|")})
+    membership = np.zeros((len(strata), len(cells)))
+    for i, key in enumerate(strata):
+        for cell in key.split("|"):
+            membership[i, cells.index(cell)] = 1.0
+    total = membership.sum(axis=0)
+    shares = np.array([(role == r).mean() for r in range(3)])
+    counts = np.stack([membership[role == r].sum(axis=0) for r in range(3)])
+
+    def deviation(c: np.ndarray) -> float:
+        return float(np.abs(c - shares[:, None] * total).sum())
+
+    current = deviation(counts)
+    for _ in range(rounds):
+        improved = False
+        over = counts - shares[:, None] * total > 0.5  # cells with a surplus in a set: only their users may move
+        movable = np.flatnonzero((membership * over[role]).any(axis=1))
+        for i in rng.permutation(movable):
+            for j in rng.permutation(len(role))[:40]:
+                a, b = role[i], role[j]
+                if a == b or strata[i] == strata[j]:
+                    continue
+                moved = counts.copy()
+                moved[a] += membership[j] - membership[i]
+                moved[b] += membership[i] - membership[j]
+                value = deviation(moved)
+                if value < current - 1e-9:
+                    role[i], role[j], counts, current, improved = b, a, moved, value, True
+                    break
+        if not improved:
+            break
+    return role
+
+
+def _evenly_spaced(n: int, k: int, phase: float) -> set[int]:
+    """k of the positions 0..n-1, one in every n/k, starting at a random phase."""
+    if k == 0:
+        return set()
+    step = n / k
+    return {min(n - 1, int((j + phase) * step)) for j in range(k)}

@@ -13,7 +13,7 @@ import numpy as np
 from apm_bench.world.catalog import Catalog
 from apm_bench.world.histories import Population, PopulationUser
 from apm_bench.world.mapping import MappingKind, draw_world_matrix
-from apm_bench.world.users import Split, Target, attribute_vector, split_users, targets_from_response_vector
+from apm_bench.world.users import Split, Target, attribute_vector, split_users, stratum, targets_from_response_vector
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,10 @@ def build_world(
     test_fraction: float = 0.2,
     split_seed: int = 0,
 ) -> World:
-    """The split comes from `split_seed` (the data seed), not the world seed: with a fixed split,
-    training and test users are independent samples in every world. Redrawing the split per world
-    would make them anti-correlated (they partition one fixed population), so a method that
+    """The split comes from `split_seed`: the data seed (one split for every world) or the world
+    seed (each world a fresh split). It is stratified by the users' (attribute, side) cells, so
+    training and test sets hold the same mix of users whichever seed draws it: a random split of
+    one fixed population would make them anti-correlated (they partition it), and a method that
     predicts the training majority would lose systematically instead of scoring zero."""
     rng = np.random.default_rng([seed, 0xC])
     matrix = draw_world_matrix(len(catalog.principles), len(catalog.attributes), mapping, n_perm, rng)
@@ -48,7 +49,10 @@ def build_world(
         response = matrix @ attribute_vector(user.attributes, catalog.attribute_ids)
         targets[user.id] = targets_from_response_vector(response, catalog.principle_ids, max_targets)
     scorable = [u.id for u in population.users if targets[u.id]]
-    everyone = split_users([u.id for u in population.users], validation_fraction, test_fraction, np.random.default_rng([split_seed, 0x5]))
+    everyone = split_users(
+        [u.id for u in population.users], validation_fraction, test_fraction, np.random.default_rng([split_seed, 0x5]),
+        strata=[stratum(u.attributes) for u in population.users],
+    )
     keep = set(scorable)
     split = Split(
         train=[u for u in everyone.train if u in keep],
