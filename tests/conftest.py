@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,11 @@ def catalog() -> Catalog:
 @pytest.fixture(scope="session")
 def embedder() -> HistoryEmbedder:
     return HistoryEmbedder()
+
+
+# tests/vllm_engines/ drives real vLLM engines: it runs in its own environment (`make test-vllm`, with
+# vLLM's CPU build), which the main one cannot hold beside its own torch stack.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["vllm_engines"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

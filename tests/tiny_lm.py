@@ -79,10 +79,17 @@ def build_tokenizer(vocab_size: int = 2500):
     return tokenizer
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+#: a shape vLLM's CPU attention kernels take (head_dim 64); the default one is smaller still
+#: (and room for the judge's long prompts: the tiny tokenizer splits English into many tokens)
+VLLM_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "head_dim": 64, "max_position_embeddings": 4096}
+
+
+def build_tiny_model(directory: Path, seed: int = 0, **shape: int) -> Path:
     """Save a tiny random chat model (tokenizer included) into `directory` and return it.
 
     Generation stops at <|im_end|> (the end of a ChatML turn) or <|eos|>, as Qwen-style configs do.
+    `shape` overrides the LlamaConfig sizes (e.g. `**VLLM_SHAPE`).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -91,14 +98,12 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     pad, bos, eos, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_end|>"))
+    sizes = {"hidden_size": HIDDEN_SIZE, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 512, **shape}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **sizes,
         tie_word_embeddings=True,
         pad_token_id=pad,
         bos_token_id=bos,

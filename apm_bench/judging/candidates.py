@@ -42,8 +42,9 @@ class Candidate:
 class CandidateBank:
     """Generates candidates on demand and memoises their ratings per principle."""
 
-    def __init__(self, writer: Backend, judge: Judge, catalog: Catalog, seed: int = 0) -> None:
+    def __init__(self, writer: Backend, judge: Judge, catalog: Catalog, seed: int = 0, max_tokens: int = 1024) -> None:
         self.writer = writer
+        self.params = SamplingParams(max_tokens=max_tokens)
         self.judge = judge
         self.catalog = catalog
         self.labels = style_labels(catalog)
@@ -60,7 +61,7 @@ class CandidateBank:
             GenerationRequest(
                 messages=chat(prompts[uid], system=style_instruction(self.catalog.principle(label.principle), label.side)),
                 seed=stable_seed("candidate", self.seed, uid, label.name),
-                params=SamplingParams(),
+                params=self.params,
             )
             for uid in missing
             for label in self.labels

@@ -15,6 +15,16 @@ from apm_bench.judging.reward import weighted_reward
 from apm_bench.world.users import Target
 
 
+#: decimals a score keeps: differences below this are float noise of the path a rating came by
+#: (probability-weighted scores through an HTTP server's logprobs differ in the 15th digit), and
+#: must not break a method's ties differently from one engine to the next
+SCORE_DECIMALS = 9
+
+
+def _settled(value: float | None) -> float | None:
+    return None if value is None else round(value, SCORE_DECIMALS)
+
+
 class FeedbackOracle:
     def __init__(self, bank: CandidateBank, fit_targets: dict[str, list[Target]]) -> None:
         self._bank = bank
@@ -43,7 +53,7 @@ class FeedbackOracle:
         self.calls += 1
         index = self._bank.labels.index(candidate.label)
         ratings = [self._bank.rating(user_id, index, t.principle) for t in targets]
-        return weighted_reward(targets, ratings).value
+        return _settled(weighted_reward(targets, ratings).value)
 
     def score_responses(self, user_ids: list[str], prompts: list[str], responses: list[str], seed: int = 0) -> list[float | None]:
         """Weighted scores of arbitrary responses (e.g. written under a candidate summary), judged now."""
@@ -55,7 +65,7 @@ class FeedbackOracle:
         ]
         ratings = iter(self._bank.judge.rate(requests))
         self.calls += len(user_ids)
-        return [weighted_reward(user_targets, [next(ratings) for _ in user_targets]).value for user_targets in targets]
+        return [_settled(weighted_reward(user_targets, [next(ratings) for _ in user_targets]).value) for user_targets in targets]
 
     def scores(self, user_id: str) -> np.ndarray:
         """Scores of all 2P candidates in label order, NaN where unscorable."""

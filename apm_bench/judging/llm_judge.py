@@ -29,6 +29,8 @@ JUDGE_SYSTEM = (
 _PRINCIPLE = re.compile(r"<principle name=\"(?P<name>[^\"]+)\">")
 _RESPONSE = re.compile(r"<response>\n(?P<response>.*)\n</response>", re.DOTALL)
 _PROMPT = re.compile(r"<user_message>\n(?P<prompt>.*?)\n</user_message>", re.DOTALL)
+#: the valid answers, for engines that decode under a structured-output constraint
+SCORE_CHOICES = tuple(str(score) for score in range(SCORE_MIN, SCORE_MAX + 1))
 _SCORE = re.compile(r"^\D*?\b(10|[1-9])\b\D*$")
 
 
@@ -41,6 +43,11 @@ class LLMJudgeConfig(BaseModel):
     max_tokens: int = Field(default=8, ge=1, description="raise for reasoning judges, which think first")
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     top_logprobs: int = Field(default=20, ge=10, le=20)
+    constrained: bool = Field(
+        default=True,
+        description="decode the answer as one of the scores where the engine supports structured outputs "
+        "(not for reasoning judges, which must think first)",
+    )
 
 
 def judge_messages(principle: Principle, prompt: str, response: str) -> tuple[Message, ...]:
@@ -98,8 +105,13 @@ class LLMJudge(Judge):
         self.config = config or LLMJudgeConfig()
         self._principles = {p.id: p for p in principles}
         self.name = f"llm-judge:{backend.model}" + (":weighted" if self.config.weighted else "")
+        self.choices = SCORE_CHOICES if self._constrains(backend) else None
         if self.config.weighted and not backend.capabilities.logprobs:
             raise ValueError(f"backend {backend.name!r} gives no logprobs; a weighted judge needs them")
+
+    def _constrains(self, backend: Backend) -> bool:
+        return (self.config.constrained and backend.capabilities.structured_outputs
+                and self.config.reasoning_effort is None and not self.config.weighted)
 
     def fingerprint(self) -> str:
         return cache_key("llm-judge", self.backend.fingerprint(), self.config.model_dump(), JUDGE_SYSTEM)
@@ -114,6 +126,7 @@ class LLMJudge(Judge):
                 logprobs=self.config.weighted,
                 top_logprobs=self.config.top_logprobs if self.config.weighted else 0,
                 reasoning_effort=self.config.reasoning_effort,
+                choices=self.choices,
             ),
         )
 

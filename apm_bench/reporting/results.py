@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -69,10 +70,20 @@ def git_revision() -> str:
     return completed.stdout.strip() if completed.returncode == 0 else "unknown"
 
 
+def safe_name(text: str, limit: int = 60) -> str:
+    """A folder-name-safe form of a model or method name: a hub id keeps its owner
+    (`Qwen/Qwen3.5-27B` → `Qwen--Qwen3.5-27B`), a local path keeps its last folder."""
+    if text.startswith(("/", ".", "~")) or "\\" in text:
+        text = Path(text.rstrip("/\\")).name or "model"
+    text = re.sub(r"[^A-Za-z0-9._+=-]+", "-", text.replace("/", "--")).strip("-.")
+    return text[:limit] or "model"
+
+
 def new_run_id(result: RunResult, now: datetime | None = None) -> str:
+    """`<UTC time>-<methods>-<model>`, safe as one folder name whatever the model is called."""
     now = now or datetime.now(timezone.utc)
-    methods = "+".join(m for m in result.config.methods)
-    return f"{now:%Y%m%d-%H%M%S}-{methods}-{result.config.model}"
+    methods = safe_name("+".join(m for m in result.config.methods))
+    return f"{now:%Y%m%d-%H%M%S}-{methods}-{safe_name(result.config.model)}"
 
 
 def _copy_artifacts(result: RunResult, staging: Path) -> list[str]:

@@ -16,6 +16,15 @@ from apm_bench.world.mapping import MappingKind
 
 Control = Literal["no-history", "shuffled-history"]
 SIM_JUDGE = "sim-judge"
+SIM_WRITER = "sim"
+#: named role sets: which model the candidate writer, the history writer and the judge run on
+#: (None = the generator's model, engine and server). Applied to the roles the user did not set.
+ROLE_PRESETS: dict[str, dict[str, str | None]] = {
+    "same": {"candidate_model": None, "writer_model": None, "judge_model": None},
+    # the APM paper: gpt-oss-120b rewrites histories and judges; candidates here come from the
+    # generator (the paper used Nemotron-3-Super, which apm-bench ships no alias for)
+    "paper": {"candidate_model": None, "writer_model": "gpt-oss-120b", "judge_model": "gpt-oss-120b"},
+}
 
 
 def default_cache_path() -> Path:
@@ -32,14 +41,23 @@ class RunConfig(BaseModel):
     base_url: str | None = Field(default=None, description="server URL for the openai backend")
     candidate_model: str = Field(default="sim-large", description="model that writes the 2P candidates")
     candidate_backend: str | None = None
+    candidate_url: str | None = None
     judge_model: str = Field(default="sim-judge", description="'sim-judge' (in process) or a model for the LLM judge")
     judge_backend: str | None = None
     judge_url: str | None = None
     judge_weighted: bool = Field(default=False, description="probability-weighted LLM judge scores from logprobs")
     judge_max_tokens: int = Field(default=8, ge=1)
     judge_reasoning_effort: Literal["low", "medium", "high"] | None = None
-    writer_model: str = Field(default="sim", description="'sim' (phrase banks) or a model that rewrites prompts")
+    writer_model: str = Field(default=SIM_WRITER, description="'sim' (phrase banks) or a model that rewrites prompts")
     writer_backend: str | None = None
+    writer_url: str | None = None
+    roles: Literal["same", "paper"] | None = Field(
+        default=None, description="fill the roles not set explicitly: 'same' (all on the generator) or 'paper'"
+    )
+    allow_simulated_roles: bool = Field(
+        default=False, description="let a real generator run with simulated candidates, histories or judge"
+    )
+    engine_budget: int = Field(default=1, ge=1, description="engines holding device memory (vllm) resident at once")
     cache: Path | None = Field(default_factory=lambda: default_cache_path(), description="call cache (sqlite); None = off")
     worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="world seeds (one C each)")
     users: int = Field(default=400, ge=10, description="users in the population")
@@ -54,7 +72,14 @@ class RunConfig(BaseModel):
     label_strategy: list[str] = Field(default_factory=lambda: ["margin"], min_length=1)
     control: Control | None = None
     data_seed: int = Field(default=0, description="seed of the population (attributes, histories, prompts)")
+    balanced_population: bool = Field(
+        default=True, description="attributes and sides used evenly by design (False: each user draws them independently)"
+    )
+    split_per_world: bool = Field(
+        default=True, description="each world draws its own stratified split from its seed (False: the data seed's split serves every world)"
+    )
     temperature: float = Field(default=1.0, ge=0)
+    max_tokens: int = Field(default=1024, ge=1, description="answer budget of candidates and test responses")
     judge: SimJudgeConfig = Field(default_factory=SimJudgeConfig)
     writer: SimWriterConfig = Field(default_factory=SimWriterConfig)
     principles_dir: Path | None = None
@@ -85,6 +110,23 @@ class RunConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("world seeds must be distinct")
         return value
+
+    @model_validator(mode="after")
+    def _preset_roles(self) -> "RunConfig":
+        """A preset fills each role the user left unset; the generator's engine goes with its model."""
+        if self.roles is None:
+            return self
+        generator = {"model": self.model, "backend": self.backend, "url": self.base_url}
+        for field, model in ROLE_PRESETS[self.roles].items():
+            if field in self.model_fields_set:
+                continue
+            prefix = field.removesuffix("_model")
+            same = model is None
+            setattr(self, field, generator["model"] if same else model)
+            setattr(self, f"{prefix}_backend", generator["backend"] if same else None)
+            if prefix in ("judge", "writer"):
+                setattr(self, f"{prefix}_url", generator["url"] if same else None)
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> "RunConfig":

@@ -1,23 +1,25 @@
 """The engines of one run, built from its config: generator, candidate writer, history writer,
 judge and embedder, all behind the persistent cache. Created per run and closed after it; there
-are no module-level engines.
+are no module-level engines. Roles on the same model, engine and server share one engine, and
+engines that hold device memory load when first used, at most `engine_budget` at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from apm_bench.backends import load_backend
+from apm_bench.backends import load_backend, resolve_model
 from apm_bench.backends.base import Backend
+from apm_bench.backends.budget import EngineBudget
 from apm_bench.backends.cached import CachedBackend
 from apm_bench.backends.history_writer import LLMHistoryWriter
 from apm_bench.cache import CacheStats, CallCache
+from apm_bench.errors import ConfigError
 from apm_bench.judging.judge import CachedJudge, Judge
 from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
 from apm_bench.judging.sim_judge import SimJudge
 from apm_bench.methods.embedder import HistoryEmbedder
-from apm_bench.run.config import SIM_JUDGE, RunConfig
+from apm_bench.run.config import SIM_JUDGE, SIM_WRITER, RunConfig
 from apm_bench.sim.writer import SimHistoryWriter
 from apm_bench.world.catalog import Catalog
 from apm_bench.world.histories import HistoryWriter
@@ -31,6 +33,9 @@ class Engines:
     history_writer: HistoryWriter
     embedder: HistoryEmbedder
     cache: CallCache | None
+    #: every distinct engine of the run (roles on the same engine share one)
+    backends: list[Backend] = field(default_factory=list)
+    budget: EngineBudget = field(default_factory=EngineBudget)
 
     def counters(self) -> dict[str, float]:
         """Cache hits and misses so far, per kind of call (the runner takes per-stage differences)."""
@@ -42,26 +47,87 @@ class Engines:
         return counts
 
     def close(self) -> None:
-        for backend in {id(b): b for b in (self.generator, self.candidate_writer)}.values():
+        for backend in {id(b): b for b in (self.generator, self.candidate_writer, *self.backends)}.values():
             backend.close()
         if self.cache is not None:
             self.cache.close()
 
 
-def _options(url: str | None) -> dict[str, Any]:
-    return {"base_url": url} if url else {}
+@dataclass(frozen=True)
+class RoleEngine:
+    """Which engine serves a role: roles with equal RoleEngines share one engine."""
+
+    model: str
+    backend: str | None
+    url: str | None
+
+
+def _resolved(model: str, backend: str | None, url: str | None) -> RoleEngine:
+    """With the engine an alias or a path implies filled in, so equal engines compare equal."""
+    if model in (SIM_WRITER, SIM_JUDGE) and backend is None:
+        return RoleEngine(model, None, url)  # the in-process simulator's writer and judge
+    return RoleEngine(model, resolve_model(model, backend).backend, url)
+
+
+def role_engines(config: RunConfig) -> dict[str, RoleEngine]:
+    """The run's four roles (the in-process simulator's writer and judge included, by their names)."""
+    return {
+        "generator": _resolved(config.model, config.backend, config.base_url),
+        "candidate writer": _resolved(config.candidate_model, config.candidate_backend, config.candidate_url),
+        "history writer": _resolved(config.writer_model, config.writer_backend, config.writer_url),
+        "judge": _resolved(config.judge_model, config.judge_backend, config.judge_url),
+    }
+
+
+#: the option that sets each role, for the message that asks for it
+ROLE_OPTIONS = {"candidate writer": "--candidate-model", "history writer": "--writer-model", "judge": "--judge-model"}
+
+
+def is_simulated(role: str, engine: RoleEngine) -> bool:
+    """The simulator plays this role: a sim-* model (in process or served over HTTP), the phrase-bank
+    writer or the feature-measuring judge."""
+    if role == "history writer" and engine.model == SIM_WRITER:
+        return True
+    if role == "judge" and engine.model == SIM_JUDGE:
+        return True
+    return resolve_model(engine.model, engine.backend).sim is not None  # unknown names fail here, with did-you-mean
+
+
+def check_roles(config: RunConfig) -> None:
+    """A real generator is never paired silently with simulated roles: the simulator's judge reads
+    the simulator's marker phrases, so on real text its ratings mean nothing."""
+    roles = role_engines(config)
+    if is_simulated("generator", roles["generator"]) or config.allow_simulated_roles:
+        return
+    simulated = [role for role in ROLE_OPTIONS if is_simulated(role, roles[role])]
+    if simulated:
+        options = ", ".join(ROLE_OPTIONS[r] for r in simulated)
+        raise ConfigError(
+            f"the generator {config.model} is a real model but the {', '.join(simulated)} would be simulated: "
+            f"set {options}, or --roles same (every role on the generator) or --roles paper, "
+            "or pass --allow-simulated-roles to mean it"
+        )
 
 
 def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder | None = None) -> Engines:
+    """One engine per distinct (model, backend, server) among the roles, loaded on first use under
+    the run's engine budget, each behind the call cache."""
+    check_roles(config)
     cache = CallCache(config.cache) if config.cache is not None else None
+    budget = EngineBudget(config.engine_budget)
+    built: dict[RoleEngine, Backend] = {}
 
-    def backend(model: str, engine: str | None, url: str | None) -> Backend:
-        built = load_backend(model, catalog, backend=engine, options=_options(url))
-        return CachedBackend(built, cache) if cache is not None else built
+    def backend(engine: RoleEngine) -> Backend:
+        if engine not in built:
+            inner = load_backend(engine.model, catalog, backend=engine.backend,
+                                 options={"base_url": engine.url} if engine.url else {})
+            inner.bind_budget(budget)
+            built[engine] = CachedBackend(inner, cache) if cache is not None else inner
+        return built[engine]
 
-    generator = backend(config.model, config.backend, config.base_url)
-    same_writer = (config.candidate_model, config.candidate_backend) == (config.model, config.backend)
-    candidate_writer = generator if same_writer else backend(config.candidate_model, config.candidate_backend, None)
+    roles = role_engines(config)
+    generator = backend(roles["generator"])
+    candidate_writer = backend(roles["candidate writer"])
     judge: Judge
     if config.judge_model == SIM_JUDGE and config.judge_backend is None:
         judge = SimJudge(catalog.principles, config.judge)
@@ -71,14 +137,14 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
             max_tokens=config.judge_max_tokens,
             reasoning_effort=config.judge_reasoning_effort,
         )
-        judge = LLMJudge(backend(config.judge_model, config.judge_backend, config.judge_url), catalog.principles, judge_config)
+        judge = LLMJudge(backend(roles["judge"]), catalog.principles, judge_config)
     if cache is not None:
         judge = CachedJudge(judge, cache)
     history_writer: HistoryWriter
-    if config.writer_model == "sim":
+    if config.writer_model == SIM_WRITER:
         history_writer = SimHistoryWriter(catalog, config.writer)
     else:
-        history_writer = LLMHistoryWriter(backend(config.writer_model, config.writer_backend, None), catalog)
+        history_writer = LLMHistoryWriter(backend(roles["history writer"]), catalog)
     if embedder is None:
         embedder = HistoryEmbedder(cache=cache)
-    return Engines(generator, candidate_writer, judge, history_writer, embedder, cache)
+    return Engines(generator, candidate_writer, judge, history_writer, embedder, cache, list(built.values()), budget)

@@ -29,7 +29,7 @@ from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserVi
 from apm_bench.methods.artifacts import ArtifactStore
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.run.config import RunConfig
-from apm_bench.run.engines import Engines, build_engines
+from apm_bench.run.engines import Engines, build_engines, check_roles
 from apm_bench.sim.style import stable_seed
 from apm_bench.sim.writer import SimHistoryWriter
 from apm_bench.world.catalog import Catalog, load_catalog
@@ -39,6 +39,10 @@ from apm_bench.world.world import World, build_world
 
 BASELINE = "baseline"
 ORACLE = "oracle"
+PRIOR = "prior"
+#: reference rows in every run: what everything is compared with, the upper bound, and what a
+#: method earns without reading any history
+REFERENCES = (BASELINE, ORACLE, PRIOR)
 Progress = Callable[[str, int, int], None]
 """Called as progress(stage, stages_done, stages_total) when a stage starts, and once at the end."""
 
@@ -72,8 +76,8 @@ def artifact_store(config: RunConfig) -> ArtifactStore:
 
 
 def plan_methods(config: RunConfig) -> list[MethodVariant]:
-    """Baseline first (everything is compared with it), the oracle (for gain), then the asked methods."""
-    names = [BASELINE, ORACLE] + [m for m in config.methods if m not in (BASELINE, ORACLE)]
+    """The reference rows first (baseline, oracle for gain, prior), then the asked methods."""
+    names = list(REFERENCES) + [m for m in config.methods if m not in REFERENCES]
     variants: list[MethodVariant] = []
     for name in names:
         cls = METHODS.get(name)
@@ -105,12 +109,13 @@ def load_population(config: RunConfig, catalog: Catalog, writer: HistoryWriter |
     prompts = load_prompts(config.prompts_file)
     return build_population(
         catalog, prompts, writer or SimHistoryWriter(catalog, config.writer), config.users, config.n_attr,
-        config.history_len, config.data_seed,
+        config.history_len, config.data_seed, balanced=config.balanced_population,
     )
 
 
 def prepare(config: RunConfig, writer: HistoryWriter | None = None) -> tuple[Catalog, Population]:
     """Load and validate every input; raises ApmError before anything is computed or written."""
+    check_roles(config)
     catalog = load_pool_catalog(config)
     return catalog, load_population(config, catalog, writer)
 
@@ -166,8 +171,17 @@ class _Stopwatch:
         entry["seconds"] += time.perf_counter() - self._started
         after = self.engines.counters()
         deltas = {k: v - self._before.get(k, 0.0) for k, v in after.items()}
-        for key, value in {**counts, **{k: v for k, v in deltas.items() if v}}.items():
+        self.count(stage, **counts, **{k: v for k, v in deltas.items() if v})
+
+    def count(self, stage: str, **counts: float) -> None:
+        """Counts without time, e.g. one method's share of a phase that ran as one batch."""
+        entry = self.costs.setdefault(stage, {})
+        for key, value in counts.items():
             entry[key] = entry.get(key, 0.0) + value
+
+    def rate(self, stage: str, counted: str) -> None:
+        entry = self.costs[stage]
+        entry[f"{counted}_per_second"] = entry.get(counted, 0.0) / entry["seconds"] if entry.get("seconds") else 0.0
 
 
 def run_benchmark(
@@ -175,7 +189,7 @@ def run_benchmark(
 ) -> RunResult:
     """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
     variants = plan_methods(config)
-    say = _Stages(progress, total=len(config.worlds) * (1 + len(variants)) + 2)
+    say = _Stages(progress, total=len(config.worlds) * len(variants) + 6)
     say("population")
     catalog = load_pool_catalog(config)
     if config.prompts_file is not None and config.conversations_file is None:
@@ -196,47 +210,85 @@ def _run_all(
     engines: Engines,
     say: _Stages,
 ) -> RunResult:
-    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog, seed=config.data_seed)
+    """The run in phases that each need one role, so every engine gets the largest batches and is
+    loaded as few times as possible: candidates (candidate writer), their ratings (judge), the fits
+    (the generator or judge only where a method needs them), every test generation of every world
+    and method in one batch (generator), then all their ratings (judge)."""
     watch = _Stopwatch(engines)
     store = artifact_store(config)
     training: list[dict[str, Any]] = []
-    frames = []
-    for world_seed in config.worlds:
-        world = build_world(
+    worlds = [
+        build_world(
             population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
-            config.validation_fraction, config.test_fraction, split_seed=config.data_seed,
+            config.validation_fraction, config.test_fraction,
+            split_seed=world_seed if config.split_per_world else config.data_seed,
         )
-        frames.append(_run_world(world, config, variants, catalog, engines, bank, watch, say, store, training))
-    samples = pd.concat(frames, ignore_index=True)
+        for world_seed in config.worlds
+    ]
+    bank = _rated_candidates(config, catalog, engines, worlds, watch, say)
+    planned: list[_Planned] = []
+    for world in worlds:
+        context, test_users = _fit_context(world, config, catalog, engines, bank, say, store)
+        for variant in variants:
+            say(f"world {world.seed}: {variant.label}")
+            planned.append(_fit(variant, world, context, test_users, config, watch, training))
+    generations = _generate_all(planned, engines, watch, say)
+    ratings = _rate_all(planned, generations, engines, watch, say)
+    samples = pd.concat([_world_frame(planned, generations, ratings, world.seed) for world in worlds], ignore_index=True)
     say("metrics")
     metrics = compute_metrics(samples, config.bootstrap_seed, config.bootstrap_resamples, oracle_method=ORACLE)
     watch.costs["candidates"].update(generation_calls=float(bank.generation_calls), rating_calls=float(bank.rating_calls))
+    watch.costs["engines"] = engines.budget.snapshot()
     watch.costs["embedding"] = {"texts_encoded": float(engines.embedder.encoded_texts), **{
         f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
     return RunResult(config, samples, metrics, watch.costs, population.source, training, store)
 
 
-def _run_world(
+@dataclass
+class _Planned:
+    """One (world, method): its test users and prompts and what the method sends for each."""
+
+    world: World
+    variant: MethodVariant
+    users: list[UserView]
+    prompts: list[str]
+    personalizations: list[Any]
+    requests: list[GenerationRequest]
+
+
+def _rated_candidates(
+    config: RunConfig, catalog: Catalog, engines: Engines, worlds: list[World], watch: _Stopwatch, say: _Stages
+) -> CandidateBank:
+    """Phases 2 and 3: candidates for the training-side users of every world, then their ratings."""
+    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog, seed=config.data_seed, max_tokens=config.max_tokens)
+    fit_users = {uid: world for world in worlds for uid in world.split.train + world.split.validation}
+    say(f"candidates for {len(fit_users)} training-side users of {len(worlds)} world(s)")
+    watch.start()
+    bank.ensure({uid: world.users[uid].prompt for uid, world in fit_users.items()})
+    say("ratings of the candidates")
+    bank.ensure_ratings(
+        (uid, target.principle)
+        for world in worlds
+        for uid in world.split.train + world.split.validation
+        for target in world.targets[uid]
+    )
+    watch.stop("candidates")
+    return bank
+
+
+def _fit_context(
     world: World,
     config: RunConfig,
-    variants: list[MethodVariant],
     catalog: Catalog,
     engines: Engines,
     bank: CandidateBank,
-    watch: _Stopwatch,
     say: _Stages,
     store: ArtifactStore,
-    training: list[dict[str, Any]],
-) -> pd.DataFrame:
+) -> tuple[FitContext, list[UserView]]:
     histories = apply_control(world, config)
     fit_ids = world.split.train + world.split.validation
-
-    say(f"world {world.seed}: candidates for {len(fit_ids)} training users")
-    watch.start()
-    bank.ensure({uid: world.users[uid].prompt for uid in fit_ids})
     feedback = FeedbackOracle(bank, {uid: world.targets[uid] for uid in fit_ids})
-    watch.stop("candidates")
 
     def fit_user(uid: str) -> FitUser:
         return FitUser(id=uid, history=histories[uid], prompt=world.users[uid].prompt)
@@ -252,27 +304,19 @@ def _run_world(
         artifacts=store,
         report=say.detail,
     )
-    test_users = [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
-    rows: list[dict[str, Any]] = []
-    for variant in variants:
-        say(f"world {world.seed}: {variant.label}")
-        rows += _evaluate(variant, world, context, test_users, config, engines, watch, training)
-    frame = pd.DataFrame(rows)
-    baseline = frame[frame["method"] == BASELINE].set_index("user_id")["reward"]
-    frame["baseline_reward"] = frame["user_id"].map(baseline)
-    return frame
+    return context, [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
 
 
-def _evaluate(
+def _fit(
     variant: MethodVariant,
     world: World,
     context: FitContext,
     test_users: list[UserView],
     config: RunConfig,
-    engines: Engines,
     watch: _Stopwatch,
     training: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
+) -> _Planned:
+    """Phase 4 for one (world, method): fit, then turn every test user's prompt into a request."""
     method: Personalizer = METHODS.get(variant.method)(**variant.options)
     if method.evaluation_only:
         method.reveal_targets({u.id: world.targets[u.id] for u in test_users})
@@ -285,55 +329,95 @@ def _evaluate(
     watch.stop(f"fit:{variant.label}", feedback_calls=context.feedback.calls - calls_before,
                **{k: sum(r.cost()[k] for r in records) for k in ("training_steps", "training_examples", "training_seconds") if records})
     training += [{"world": world.seed, "method": variant.label, **dataclasses.asdict(r)} for r in records]
-
-    watch.start()
     requests = [
         GenerationRequest(
             messages=p.messages,
             seed=stable_seed("evaluation", world.seed, u.id),
-            params=SamplingParams(temperature=config.temperature),
+            params=SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens),
             adapter=p.adapter,
             soft_prompt=p.soft_prompt,
         )
         for u, p in zip(test_users, personalizations)
     ]
-    generations = engines.generator.generate(requests)
-    watch.stop(
-        f"generate:{variant.label}",
-        calls=len(requests),
-        prompt_tokens=sum(g.prompt_tokens for g in generations),
-        completion_tokens=sum(g.completion_tokens for g in generations),
-    )
+    return _Planned(world, variant, test_users, prompts, personalizations, requests)
 
+
+def _generate_all(planned: list[_Planned], engines: Engines, watch: _Stopwatch, say: _Stages) -> list[list[Any]]:
+    """Phase 5: every method's test generations of every world, one batch for the generator."""
+    requests = [r for plan in planned for r in plan.requests]
+    say(f"generation: {len(requests)} responses")
     watch.start()
-    rating_requests = [
-        RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=world.seed)
-        for u, prompt, g in zip(test_users, prompts, generations)
-        for t in world.targets[u.id]
-    ]
-    ratings = iter(engines.judge.rate(rating_requests))
-    watch.stop(f"judge:{variant.label}", calls=len(rating_requests))
+    if engines.generator.capabilities.batch_invariant:
+        flat = engines.generator.generate(requests)
+    else:
+        flat = [g for plan in planned for g in engines.generator.generate(plan.requests)]
+    watch.stop("phase:generation", requests=len(requests), prompt_tokens=sum(g.prompt_tokens for g in flat),
+               completion_tokens=sum(g.completion_tokens for g in flat))
+    watch.rate("phase:generation", "completion_tokens")
+    generations, start = [], 0
+    for plan in planned:
+        mine = flat[start : start + len(plan.requests)]
+        start += len(plan.requests)
+        generations.append(mine)
+        watch.count(f"generate:{plan.variant.label}", calls=len(mine), prompt_tokens=sum(g.prompt_tokens for g in mine),
+                    completion_tokens=sum(g.completion_tokens for g in mine))
+    return generations
 
-    rows = []
-    for user, prompt, personalization, generation in zip(test_users, prompts, personalizations, generations):
-        targets = world.targets[user.id]
-        user_ratings = [next(ratings) for _ in targets]
-        reward = weighted_reward(targets, user_ratings)
-        system = next((m.content for m in personalization.messages if m.role == "system"), "")
-        rows.append(
-            {
-                "world": world.seed,
-                "user_id": user.id,
-                "method": variant.label,
-                "prompt": prompt,
-                "system_prompt": system,
-                "history_tokens": sum(len(m.split()) for m in user.history),
-                "summary": personalization.notes.get("summary"),
-                "response": generation.text,
-                "targets": [t.model_dump() for t in targets],
-                "ratings": [r.score for r in user_ratings],
-                "failed_ratings": reward.failed_ratings,
-                "reward": reward.value,
-            }
-        )
-    return rows
+
+def _rate_all(
+    planned: list[_Planned], generations: list[list[Any]], engines: Engines, watch: _Stopwatch, say: _Stages
+) -> list[list[Any]]:
+    """Phase 6: the judge rates every response on each of its user's targets, one batch."""
+    per_plan = [
+        [
+            RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=plan.world.seed)
+            for u, prompt, g in zip(plan.users, plan.prompts, mine)
+            for t in plan.world.targets[u.id]
+        ]
+        for plan, mine in zip(planned, generations)
+    ]
+    requests = [r for rows in per_plan for r in rows]
+    say(f"judging: {len(requests)} ratings")
+    watch.start()
+    flat = engines.judge.rate(requests)
+    watch.stop("phase:judging", requests=len(requests))
+    ratings, start = [], 0
+    for plan, rows in zip(planned, per_plan):
+        ratings.append(flat[start : start + len(rows)])
+        start += len(rows)
+        watch.count(f"judge:{plan.variant.label}", calls=len(rows))
+    return ratings
+
+
+def _world_frame(planned: list[_Planned], generations: list[list[Any]], ratings: list[list[Any]], seed: int) -> pd.DataFrame:
+    """One row per (test user, method) of one world, with the baseline's reward beside each."""
+    rows: list[dict[str, Any]] = []
+    for plan, mine, rated in zip(planned, generations, ratings):
+        if plan.world.seed != seed:
+            continue
+        remaining = iter(rated)
+        for user, prompt, personalization, generation in zip(plan.users, plan.prompts, plan.personalizations, mine):
+            targets = plan.world.targets[user.id]
+            user_ratings = [next(remaining) for _ in targets]
+            reward = weighted_reward(targets, user_ratings)
+            system = next((m.content for m in personalization.messages if m.role == "system"), "")
+            rows.append(
+                {
+                    "world": plan.world.seed,
+                    "user_id": user.id,
+                    "method": plan.variant.label,
+                    "prompt": prompt,
+                    "system_prompt": system,
+                    "history_tokens": sum(len(m.split()) for m in user.history),
+                    "summary": personalization.notes.get("summary"),
+                    "response": generation.text,
+                    "targets": [t.model_dump() for t in targets],
+                    "ratings": [r.score for r in user_ratings],
+                    "failed_ratings": reward.failed_ratings,
+                    "reward": reward.value,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    baseline = frame[frame["method"] == BASELINE].set_index("user_id")["reward"]
+    frame["baseline_reward"] = frame["user_id"].map(baseline)
+    return frame
