@@ -48,7 +48,7 @@ def _worlds(value: Optional[str]) -> Optional[list[int]]:
 
 @app.command()
 def run(
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="method(s) to evaluate; baseline and oracle always run"),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="method(s) to evaluate; baseline, oracle and prior always run"),
     model: Optional[str] = typer.Option(None, help="generator: alias, hub id or local path (default sim-large)"),
     backend: Optional[str] = typer.Option(None, help="engine for --model: sim, hf, vllm or openai (default: the alias's)"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server for --backend openai"),
@@ -279,7 +279,7 @@ app.add_typer(suite_app, name="suite")
 @suite_app.command("run")
 def suite_run(
     config: Path = typer.Argument(..., help="suite YAML (e.g. configs/leaderboard.yaml)"),
-    only: Optional[str] = typer.Option(None, "--only", help="run just this method (plus baseline and oracle) in every setting"),
+    only: Optional[str] = typer.Option(None, "--only", help="run just this method (plus baseline, oracle and prior) in every setting"),
 ) -> None:
     """Run every setting of a suite and record the runs; then `apm leaderboard` renders them."""
     from apm_bench.reporting.suite import load_suite, run_suite
