@@ -129,3 +129,29 @@ def test_the_judge_asks_for_a_score_choice_only_where_the_engine_can_constrain(c
     assert LLMJudge(ScriptedBackend([]), principles)._request(request, 0).params.choices is None
     for config in (LLMJudgeConfig(constrained=False), LLMJudgeConfig(reasoning_effort="low"), LLMJudgeConfig(weighted=True)):
         assert LLMJudge(Engine([]), principles, config)._request(request, 0).params.choices is None
+
+
+@pytest.mark.parametrize("text,score", [
+    ("analysis The response is warm and careful, so high.assistantfinal8", 8),  # gpt-oss through offline vLLM
+    ("<think>\nIt hedges twice; 3 or 4 would be too low.\n</think>\n\n7", 7),  # Qwen / DeepSeek style
+    ("<think>a 2 and a 9</think>10", 10),
+])
+def test_reasoning_is_not_read_as_the_answer(text: str, score: int) -> None:
+    assert parse_score(text) == score
+
+
+def test_an_answer_cut_off_inside_its_reasoning_is_forced_once(catalog: Catalog) -> None:
+    from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+
+    cut = Generation("<think>\nThe response lists three options and then", completion_tokens=64)
+    backend = ScriptedBackend([cut, Generation("9"), Generation("6")])
+    judge = LLMJudge(backend, list(catalog.principles), LLMJudgeConfig(retries=0, max_tokens=64))
+    principle = catalog.principles[0].id
+    ratings = judge.rate([RatingRequest(prompt="p", response="r", principle=principle, seed=0),
+                          RatingRequest(prompt="q", response="s", principle=principle, seed=1)])
+    assert [r.score for r in ratings] == [6.0, 9.0] and judge.forced_answers == 1
+    forced = backend.requests[2]
+    assert forced.messages[:2] == backend.requests[0].messages
+    assert forced.messages[-2].role == "assistant" and forced.messages[-2].content.endswith("</think>")
+    assert forced.messages[-1].role == "user" and "number only" in forced.messages[-1].content
+    assert forced.params.max_tokens == 8 and len(backend.requests) == 3

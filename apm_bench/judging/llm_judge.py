@@ -7,6 +7,7 @@ engine with prefix caching reuses the shared part across the thousands of rating
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ _RESPONSE = re.compile(r"<response>\n(?P<response>.*)\n</response>", re.DOTALL)
 _PROMPT = re.compile(r"<user_message>\n(?P<prompt>.*?)\n</user_message>", re.DOTALL)
 #: the valid answers, for engines that decode under a structured-output constraint
 SCORE_CHOICES = tuple(str(score) for score in range(SCORE_MIN, SCORE_MAX + 1))
+#: the answer budget of a forced answer: the number and little else
+FORCED_ANSWER_TOKENS = 8
 _SCORE = re.compile(r"^\D*?\b(10|[1-9])\b\D*$")
 
 
@@ -69,8 +72,34 @@ def parse_judge_messages(messages: Sequence[Message]) -> tuple[str, str, str] | 
     return principle.group("name"), prompt.group("prompt"), response.group("response")
 
 
+#: where a reasoning model's answer starts: gpt-oss through offline vLLM ("analysis…assistantfinal7"),
+#: Qwen- and DeepSeek-style models ("<think>…</think>7")
+_ANSWER_MARKERS = ("assistantfinal", "</think>")
+_REASONING_OPENERS = ("<think>", "analysis")
+
+
+def split_reasoning(text: str) -> tuple[str, bool]:
+    """(the answer after any reasoning, whether the text stopped inside unfinished reasoning)."""
+    for marker in _ANSWER_MARKERS:
+        if marker in text:
+            return text.rsplit(marker, 1)[1], False
+    stripped = text.lstrip()
+    return text, stripped.startswith(_REASONING_OPENERS)
+
+
+def forced_answer_messages(messages: Sequence[Message], reasoning: str) -> tuple[Message, ...]:
+    """When the answer budget ran out inside the reasoning: close it and ask for the rating alone,
+    as the APM authors do (they append the end of reasoning and "Rating:" to the raw prompt; a chat
+    backend gets the same as a closed assistant turn and a one-line request)."""
+    closed = reasoning.rstrip() + ("\n</think>" if "<think>" in reasoning else "")
+    return (*messages, Message("assistant", closed),
+            Message("user", f"Stop reasoning. Rating ({SCORE_MIN}-{SCORE_MAX}), the number only:"))
+
+
 def parse_score(text: str) -> int | None:
-    """Strict: the answer's last line must hold exactly one integer in 1..10 and no other digits."""
+    """Strict: the answer's last line must hold exactly one integer in 1..10 and no other digits.
+    Reasoning before the answer (`<think>…</think>`, `analysis…assistantfinal`) is not read."""
+    text, _ = split_reasoning(text)
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return None
@@ -106,6 +135,8 @@ class LLMJudge(Judge):
         self._principles = {p.id: p for p in principles}
         self.name = f"llm-judge:{backend.model}" + (":weighted" if self.config.weighted else "")
         self.choices = SCORE_CHOICES if self._constrains(backend) else None
+        #: ratings whose reasoning ran out of budget and were asked once more for the number alone
+        self.forced_answers = 0
         if self.config.weighted and not backend.capabilities.logprobs:
             raise ValueError(f"backend {backend.name!r} gives no logprobs; a weighted judge needs them")
 
@@ -130,6 +161,31 @@ class LLMJudge(Judge):
             ),
         )
 
+    def _force_answers(
+        self,
+        pending: list[int],
+        asked: list[GenerationRequest],
+        generations: list[Generation],
+        scores: list[float | None],
+        last_answer: list[str],
+    ) -> None:
+        """Answers cut off inside their reasoning get one short follow-up that must give the number."""
+        cut = [(index, request, generation) for index, request, generation in zip(pending, asked, generations)
+               if scores[index] is None and split_reasoning(generation.text)[1]]
+        if not cut:
+            return
+        follow_ups = [
+            dataclasses.replace(request, messages=forced_answer_messages(request.messages, generation.text),
+                                params=dataclasses.replace(request.params, max_tokens=FORCED_ANSWER_TOKENS,
+                                                           reasoning_effort=None, choices=SCORE_CHOICES
+                                                           if self.backend.capabilities.structured_outputs else None))
+            for _, request, generation in cut
+        ]
+        for (index, _, _), generation in zip(cut, self.backend.generate(follow_ups)):
+            scores[index] = self._read(generation)
+            last_answer[index] = generation.text
+        self.forced_answers += len(cut)
+
     def _read(self, generation: Generation) -> float | None:
         if self.config.weighted:
             return expected_score(generation.top_logprobs or ())
@@ -143,10 +199,12 @@ class LLMJudge(Judge):
         for attempt in range(self.config.retries + 1):
             if not pending:
                 break
-            generations = self.backend.generate([self._request(requests[i], attempt) for i in pending])
+            asked = [self._request(requests[i], attempt) for i in pending]
+            generations = self.backend.generate(asked)
             for index, generation in zip(pending, generations):
                 scores[index] = self._read(generation)
                 last_answer[index] = generation.text
+            self._force_answers(pending, asked, generations, scores, last_answer)
             pending = [i for i in pending if scores[i] is None]
         return [
             Rating(score=s) if s is not None else Rating(score=None, error=f"unparseable judge output: {last_answer[i][:80]!r}")
