@@ -259,3 +259,12 @@ def test_engine_options(tiny_model_dir: Path, catalog) -> None:
     request = GenerationRequest(chat(PROMPTS[0]), seed=0, params=SamplingParams(temperature=0.0, max_tokens=2))
     assert no_think.generate([request])[0].prompt_tokens > built.generate([request])[0].prompt_tokens
     assert no_think.fingerprint() != built.fingerprint()
+
+
+def test_a_prefilled_answer_is_continued(backend: HFBackend) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    plain = backend.generate([GenerationRequest(chat("Say something."), seed=0, params=greedy)])[0]
+    prefix = plain.text[:3]
+    continued = backend.generate([GenerationRequest(chat("Say something."), seed=0, params=greedy, prefill=prefix)])[0]
+    assert continued.prompt_tokens > plain.prompt_tokens  # the prefill is part of the prompt
+    assert (prefix + continued.text).startswith(plain.text[: len(prefix) + 1])

@@ -381,3 +381,12 @@ def test_an_unreachable_server_raises_after_retries() -> None:
     backend = fast_backend("local", f"http://127.0.0.1:{free_port()}/v1", max_retries=1)
     with pytest.raises(RemoteCallError, match="2 time"):
         backend.generate([GenerationRequest(chat("hi"), seed=0)])
+
+
+def test_a_prefilled_answer_is_sent_as_a_final_assistant_message_to_continue() -> None:
+    backend = OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", api_key_env="PATH")
+    kwargs = backend.request_kwargs(GenerationRequest(chat("rate this"), seed=0, prefill="1"))
+    assert kwargs["messages"][-1] == {"role": "assistant", "content": "1"}
+    assert kwargs["extra_body"]["continue_final_message"] is True and kwargs["extra_body"]["add_generation_prompt"] is False
+    plain = backend.request_kwargs(GenerationRequest(chat("rate this"), seed=0))
+    assert plain["messages"][-1]["role"] == "user" and "continue_final_message" not in plain.get("extra_body", {})

@@ -70,10 +70,30 @@ def _common_prefix(a: str, b: str) -> str:
 def test_expected_score_from_logprobs() -> None:
     single = [{"7": math.log(0.5), "8": math.log(0.25), "10": math.log(0.25)}]
     assert expected_score(single) == pytest.approx(0.5 * 7 + 0.25 * 8 + 0.25 * 10)
-    # "10" as two tokens: P(10) = P("1")·P("0"|"1"); the rest of P("1") is the score 1.
-    split = [{"1": math.log(0.4), "9": math.log(0.6)}, {"0": math.log(0.75), "<eos>": math.log(0.25)}]
-    assert expected_score(split) == pytest.approx((0.4 * 0.75 * 10 + 0.4 * 0.25 * 1 + 0.6 * 9) / 1.0)
+    # "10" as two tokens: P(10) = P("1")·P("0"|"1") from the distribution after a "1"; the rest of
+    # P("1") is the score 1. The second sampled position follows whatever was sampled first, so it
+    # is not that distribution unless the first token was "1".
+    first = {"1": math.log(0.4), "9": math.log(0.6)}
+    after_one = {"0": math.log(0.75), "<eos>": math.log(0.25)}
+    assert expected_score([first], after_one) == pytest.approx(0.4 * 0.75 * 10 + 0.4 * 0.25 * 1 + 0.6 * 9)
+    assert expected_score([first], {"0": 0.0}) == pytest.approx(9.40)  # the case: 9.40, not 5.82
     assert expected_score([{"hello": 0.0}]) is None
+
+
+def test_the_weighted_judge_reads_p10_after_a_forced_one(catalog: Catalog) -> None:
+    from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+
+    first = {"1": math.log(0.4), "9": math.log(0.6)}
+    sampled_nine = Generation("9", top_logprobs=(first, {"<eos>": 0.0}))
+    sampled_one = Generation("10", top_logprobs=(first, {"0": math.log(0.5), "<eos>": math.log(0.5)}))
+    backend = ScriptedBackend([sampled_nine, sampled_one, Generation("0", top_logprobs=({"0": 0.0},))])
+    judge = LLMJudge(backend, list(catalog.principles), LLMJudgeConfig(weighted=True))
+    principle = catalog.principles[0].id
+    ratings = judge.rate([RatingRequest(prompt="p", response="r", principle=principle, seed=s) for s in (0, 1)])
+    assert ratings[0].score == pytest.approx(9.40)  # P(10) from one token after a forced "1"
+    assert ratings[1].score == pytest.approx(0.6 * 9 + 0.2 * 10 + 0.2 * 1)  # sampled "1": its own next position
+    forced = backend.requests[2]
+    assert forced.prefill == "1" and forced.params.max_tokens == 1 and len(backend.requests) == 3
 
 
 def test_unparseable_answers_are_retried_then_counted_as_failures(catalog: Catalog) -> None:

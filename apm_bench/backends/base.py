@@ -62,6 +62,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: AdapterRef | None = None
     soft_prompt: SoftPrompt | None = None
+    #: the assistant's answer starts with this text; the engine generates its continuation
+    prefill: str | None = None
 
 
 @dataclass(frozen=True)

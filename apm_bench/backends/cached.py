@@ -21,7 +21,7 @@ def request_key(fingerprint: str, request: GenerationRequest) -> str:
     params = dataclasses.asdict(request.params)
     if params["choices"] is None:
         del params["choices"]  # keys of unconstrained requests stay what they were before constraints existed
-    return cache_key(
+    parts: list[object] = [
         "generation",
         fingerprint,
         [dataclasses.astuple(m) for m in request.messages],
@@ -29,7 +29,10 @@ def request_key(fingerprint: str, request: GenerationRequest) -> str:
         params,
         dataclasses.asdict(request.adapter) if request.adapter else None,
         soft,
-    )
+    ]
+    if request.prefill is not None:
+        parts.append({"prefill": request.prefill})
+    return cache_key(*parts)
 
 
 def _to_json(generation: Generation) -> dict[str, Any]:

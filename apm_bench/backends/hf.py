@@ -407,6 +407,7 @@ class HFBackend(Backend):
             kwargs["reasoning_effort"] = request.params.reasoning_effort
         conversation = [{"role": m.role, "content": m.content} for m in request.messages]
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **kwargs)
+        text += request.prefill or ""
         prompt_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return _Prepared(index, prompt_ids, self._soft_tensor(request), request.params, request.seed)
 

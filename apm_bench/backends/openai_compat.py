@@ -183,6 +183,9 @@ class OpenAIBackend(Backend):
         if params.reasoning_effort:
             kwargs["reasoning_effort"] = params.reasoning_effort
         body = dict(self.extra_body)
+        if request.prefill:  # vLLM's server continues a final assistant message on request
+            kwargs["messages"].append({"role": "assistant", "content": request.prefill})
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if self.chat_template_kwargs:
             body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **self.chat_template_kwargs}
         if body:

@@ -714,7 +714,9 @@ class VLLMBackend(Backend):
         self._check(requests)
         tokenizer = self._get_tokenizer()
         prompt_ids = [
-            render_prompt_ids(tokenizer, r.messages, template_kwargs(r, self._chat_kwargs)) for r in requests
+            render_prompt_ids(tokenizer, r.messages, template_kwargs(r, self._chat_kwargs))
+            + (list(tokenizer.encode(r.prefill, add_special_tokens=False)) if r.prefill else [])
+            for r in requests
         ]
         specs = lora_requests(requests, self._adapters)
         sampling = [self._sampling_params(r) for r in requests]

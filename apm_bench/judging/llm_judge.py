@@ -107,20 +107,33 @@ def parse_score(text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def expected_score(top_logprobs: Sequence[dict[str, float]]) -> float | None:
-    """Expectation over the scores 1..10 from the first answer tokens' distribution.
+def _probabilities(position: dict[str, float]) -> dict[str, float]:
+    return {token.strip(): math.exp(lp) for token, lp in position.items()}
 
-    Where "10" is two tokens, P(10) = P("1") · P("0" | "1") from the second position, and the
-    rest of P("1") is the score 1. Mass outside the digits is renormalised away.
+
+def needs_after_one(top_logprobs: Sequence[dict[str, float]]) -> bool:
+    """Whether "10" is two tokens here and "1" has mass: then P(10) needs the distribution after "1"."""
+    if not top_logprobs:
+        return False
+    first = _probabilities(top_logprobs[0])
+    return "10" not in first and first.get("1", 0.0) > 0
+
+
+def expected_score(top_logprobs: Sequence[dict[str, float]], after_one: dict[str, float] | None = None) -> float | None:
+    """Expectation over the scores 1..10 from the first answer token's distribution.
+
+    Where "10" is two tokens, P(10) = P("1") · P("0" | "1"), read from `after_one`: the
+    distribution of the token that follows a "1" (the second sampled position only when the
+    sampled first token was "1"; otherwise a request that forces the "1"). The rest of P("1")
+    is the score 1. Mass outside the digits is renormalised away.
     """
     if not top_logprobs:
         return None
-    first = {token.strip(): math.exp(lp) for token, lp in top_logprobs[0].items()}
+    first = _probabilities(top_logprobs[0])
     mass = {score: first.get(str(score), 0.0) for score in range(SCORE_MIN, SCORE_MAX + 1)}
-    if "10" not in first and len(top_logprobs) > 1 and mass[1] > 0:
-        second = {token.strip(): math.exp(lp) for token, lp in top_logprobs[1].items()}
-        zero = second.get("0", 0.0)
-        mass[10] = mass[1] * zero
+    if needs_after_one(top_logprobs) and after_one is not None:
+        second = _probabilities(after_one)
+        mass[10] = mass[1] * second.get("0", 0.0)
         mass[1] = mass[1] * (1.0 - sum(second.get(str(d), 0.0) for d in range(10)))
     total = sum(mass.values())
     if total < 0.5:  # the answer was mostly not a score
@@ -186,6 +199,29 @@ class LLMJudge(Judge):
             last_answer[index] = generation.text
         self.forced_answers += len(cut)
 
+    def _weigh_tens(
+        self, pending: list[int], asked: list[GenerationRequest], generations: list[Generation], scores: list[float | None]
+    ) -> None:
+        """Where "10" is two tokens, P(10) needs the distribution after a "1": the sampled answer's
+        second position if it began with "1", else one more token after a forced "1"."""
+        follow: list[tuple[int, GenerationRequest]] = []
+        for index, request, generation in zip(pending, asked, generations):
+            top = generation.top_logprobs or ()
+            if not needs_after_one(top):
+                continue
+            if generation.text.lstrip().startswith("1") and len(top) > 1:
+                scores[index] = expected_score(top, top[1])
+            else:
+                follow.append((index, dataclasses.replace(
+                    request, prefill="1", params=dataclasses.replace(request.params, max_tokens=1))))
+        if not follow:
+            return
+        answers = self.backend.generate([request for _, request in follow])
+        first_answers = dict(zip(pending, generations))
+        for (index, _), answer in zip(follow, answers):
+            position = answer.top_logprobs[0] if answer.top_logprobs else None
+            scores[index] = expected_score(first_answers[index].top_logprobs or (), position)
+
     def _read(self, generation: Generation) -> float | None:
         if self.config.weighted:
             return expected_score(generation.top_logprobs or ())
@@ -205,6 +241,8 @@ class LLMJudge(Judge):
                 scores[index] = self._read(generation)
                 last_answer[index] = generation.text
             self._force_answers(pending, asked, generations, scores, last_answer)
+            if self.config.weighted:
+                self._weigh_tens(pending, asked, generations, scores)
             pending = [i for i in pending if scores[i] is None]
         return [
             Rating(score=s) if s is not None else Rating(score=None, error=f"unparseable judge output: {last_answer[i][:80]!r}")
