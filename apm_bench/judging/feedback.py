@@ -14,7 +14,6 @@ from apm_bench.judging.judge import RatingRequest
 from apm_bench.judging.reward import weighted_reward
 from apm_bench.world.users import Target
 
-
 #: decimals a score keeps: differences below this are float noise of the path a rating came by
 #: (probability-weighted scores through an HTTP server's logprobs differ in the 15th digit), and
 #: must not break a method's ties differently from one engine to the next
