@@ -529,3 +529,15 @@ def test_vllm_engine_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert first[3].prompt_tokens == first[0].prompt_tokens + 3
     finally:
         backend.close()
+
+
+def test_a_prefilled_answer_follows_the_rendered_prompt_and_choices_become_a_constraint() -> None:
+    backend, llm = _fake_backend()
+    backend._api = vb.VLLMApi(LLM=None, SamplingParams=FakeSamplingParams, LoRARequest=FakeLoRARequest,
+                              StructuredOutputsParams=lambda choice: ("choice", tuple(choice)))
+    request = GenerationRequest(chat("x"), seed=0, prefill="1", params=SamplingParams(choices=("1", "2")))
+    backend.generate([request])
+    (call,) = llm.calls
+    rendered = [ord(c) for c in "<user>x<assistant>"]
+    assert call["prompts"] == [{"prompt_token_ids": rendered + [ord("1")]}]
+    assert call["sampling"][0].kwargs["structured_outputs"] == ("choice", ("1", "2"))
