@@ -390,3 +390,19 @@ def test_a_prefilled_answer_is_sent_as_a_final_assistant_message_to_continue() -
     assert kwargs["extra_body"]["continue_final_message"] is True and kwargs["extra_body"]["add_generation_prompt"] is False
     plain = backend.request_kwargs(GenerationRequest(chat("rate this"), seed=0))
     assert plain["messages"][-1]["role"] == "user" and "continue_final_message" not in plain.get("extra_body", {})
+
+
+def test_structured_outputs_are_sent_to_servers_that_take_them() -> None:
+    constrained = SamplingParams(max_tokens=2, choices=("1", "2", "10"))
+    plain_server = OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", api_key_env="PATH")
+    assert not plain_server.capabilities.structured_outputs  # an unknown server is not sent vLLM's field
+    assert "structured_outputs" not in plain_server.request_kwargs(
+        GenerationRequest(chat("rate"), seed=0, params=constrained)).get("extra_body", {})
+    vllm_server = OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", api_key_env="PATH", structured_outputs=True)
+    assert vllm_server.capabilities.structured_outputs and not OpenAIBackend.capabilities.structured_outputs
+    body = vllm_server.request_kwargs(GenerationRequest(chat("rate"), seed=0, params=constrained))["extra_body"]
+    assert body["structured_outputs"] == {"choice": ["1", "2", "10"]}
+    judge = LLMJudge(vllm_server, [], LLMJudgeConfig())
+    assert judge.choices is not None and "10" in judge.choices
+    with pytest.raises(ConfigError, match="structured_outputs"):
+        OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", api_key_env="PATH", structured_outputs="yes")

@@ -435,15 +435,23 @@ def test_generate_keeps_adapter_ids_across_calls(tmp_path: Path) -> None:
     assert [lora.lora_int_id for lora in llm.calls[1]["lora"]] == [2, 1]
 
 
-def test_generate_explains_missing_engine_options(tmp_path: Path) -> None:
-    backend, _ = _fake_backend()
-    with pytest.raises(ConfigError, match="enable_lora"):
-        backend.generate([_request(adapter=AdapterRef("a", str(tmp_path)))])
-    with pytest.raises(ConfigError, match="enable_prompt_embeds"):
-        backend.generate([_request(soft=SoftPrompt(np.zeros((1, 4))))])
+def test_what_requests_need_is_switched_on_unless_switched_off(tmp_path: Path) -> None:
     adapter_dir = tmp_path / "wide"
     adapter_dir.mkdir()
     (adapter_dir / "adapter_config.json").write_text(json.dumps({"r": 64}))
+    backend, llm = _fake_backend()
+    backend.generate([_request(adapter=AdapterRef("wide", str(adapter_dir))), _request(adapter=AdapterRef("b", str(tmp_path))),
+                      _request(soft=SoftPrompt(np.zeros((1, 4))))])
+    options = backend._engine_kwargs
+    assert options["enable_lora"] is True and options["max_lora_rank"] == 64 and options["max_loras"] == 2
+    assert options["enable_prompt_embeds"] is True and len(llm.calls) == 2
+
+    backend, _ = _fake_backend({"enable_lora": False})
+    with pytest.raises(ConfigError, match="enable_lora is false"):
+        backend.generate([_request(adapter=AdapterRef("a", str(tmp_path)))])
+    backend, _ = _fake_backend({"enable_prompt_embeds": False})
+    with pytest.raises(ConfigError, match="enable_prompt_embeds"):
+        backend.generate([_request(soft=SoftPrompt(np.zeros((1, 4))))])
     backend, _ = _fake_backend({"enable_lora": True, "max_lora_rank": 32})
     with pytest.raises(ConfigError, match="rank 64.*max_lora_rank is 32.*64, 128"):
         backend.generate([_request(adapter=AdapterRef("wide", str(adapter_dir)))])

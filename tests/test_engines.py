@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from apm_bench.backends import vllm as vb
-from apm_bench.backends.budget import EngineBudget
+from apm_bench.backends.budget import EngineBudget, LazyEngine
 from apm_bench.errors import ConfigError
 from apm_bench.run.config import RunConfig
 from apm_bench.run.engines import build_engines, check_roles, role_engines
@@ -109,3 +109,48 @@ def test_vllm_engines_load_lazily_and_never_two_under_a_budget_of_one(monkeypatc
     generator.close()
     judge.close()
     assert alive == [] and budget.resident == 0
+
+
+def test_a_lazy_engine_is_built_on_first_use_and_dropped_for_another() -> None:
+    built: list[_Closable] = []
+
+    class _Closable:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    def build() -> _Closable:
+        built.append(_Closable())
+        return built[-1]
+
+    budget = EngineBudget(1)
+    trainer = LazyEngine("model (training)", build, budget)
+    assert built == [] and budget.loads == 0  # nothing until a method trains
+    first = trainer()
+    assert trainer() is first and len(built) == 1 and budget.resident == 1
+    budget.admit(_Engine("generator"))  # serving the trained weights needs the room
+    assert first.closed and budget.releases == 1
+    second = trainer()  # asked again: built again, and the generator makes room in turn
+    assert second is not first and budget.loads == 3 and budget.max_resident == 1
+    trainer.close()
+    assert second.closed and budget.resident == 0
+
+
+def test_engine_options_are_per_role_and_roles_share_only_equal_engines() -> None:
+    config = RunConfig(model="/models/gen", backend="vllm", roles="same", judge_model="/models/judge",
+                       judge_backend="vllm", engine_options={"generator": {"max_model_len": 2048},
+                                                             "judge": {"tensor_parallel_size": 8}})
+    roles = role_engines(config)
+    # roles on the generator's model without options of their own take its options: one engine
+    assert roles["candidate writer"] == roles["history writer"] == roles["generator"]
+    assert roles["generator"].engine_options() == {"max_model_len": 2048}
+    assert roles["judge"].engine_options() == {"tensor_parallel_size": 8}
+    split = role_engines(config.model_copy(update={"engine_options": {
+        "generator": {"max_model_len": 2048}, "history_writer": {"max_model_len": 8192}}}))
+    assert split["history writer"] != split["generator"]  # other options: an engine of its own
+    served = role_engines(RunConfig(model="m", backend="openai", base_url="http://h/v1", roles="same",
+                                    engine_options={"judge": {"structured_outputs": True}}))
+    assert served["judge"].engine_options() == {"structured_outputs": True, "base_url": "http://h/v1"}
+    with pytest.raises(ValueError, match="engine_options"):
+        RunConfig(engine_options={"critic": {}})

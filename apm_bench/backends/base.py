@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -74,6 +74,13 @@ class Generation:
     completion_tokens: int = 0
     #: per generated position, the most likely tokens and their log-probabilities
     top_logprobs: tuple[dict[str, float], ...] | None = None
+    #: why nothing was generated (the prompt does not fit the model's context): such a generation
+    #: is counted as failed and never judged, instead of aborting the run
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,15 @@ class Backend(ABC):
         """What, besides the request, determines an answer: part of every cache key."""
         return f"{self.name}:{self.model}"
 
+    def context_window(self) -> int | None:
+        """Tokens the model attends to (prompt plus answer); None where unknown or unlimited."""
+        return None
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        """The request's prompt length in the model's tokens (template, prefill and soft prompt
+        included); only asked where `context_window` is known."""
+        raise NotImplementedError(f"backend {self.name!r} does not count tokens")
+
     def bind_budget(self, budget: EngineBudget) -> None:
         """Engines that hold device memory load lazily under the run's budget; others ignore it."""
 
@@ -112,6 +128,31 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release engine resources; the default holds none."""
+
+
+def context_failure(prompt_tokens: int, window: int) -> Generation:
+    return Generation(text="", prompt_tokens=prompt_tokens,
+                      error=f"context: a prompt of {prompt_tokens} tokens leaves no room to answer in the "
+                            f"model's {window}-token context")
+
+
+def within_context(
+    requests: Sequence[GenerationRequest], prompt_tokens: Sequence[int], window: int | None
+) -> list[GenerationRequest | Generation]:
+    """Each request with its answer budget cut to what the context leaves, or, where the prompt
+    alone fills the context, the failed generation that stands in for it (it is never sent)."""
+    if window is None:
+        return list(requests)
+    fitted: list[GenerationRequest | Generation] = []
+    for request, used in zip(requests, prompt_tokens, strict=True):
+        room = window - used
+        if room < 1:
+            fitted.append(context_failure(used, window))
+        elif request.params.max_tokens > room:
+            fitted.append(replace(request, params=replace(request.params, max_tokens=room)))
+        else:
+            fitted.append(request)
+    return fitted
 
 
 def chat(prompt: str, system: str | None = None) -> tuple[Message, ...]:

@@ -9,7 +9,8 @@ lazily and ask the budget first; when it is full, the least recently used engine
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class Releasable(Protocol):
@@ -62,3 +63,33 @@ class EngineBudget:
     def snapshot(self) -> dict[str, float]:
         return {"engine_loads": float(self.loads), "engine_releases": float(self.releases),
                 "max_engines_resident": float(self.max_resident), "engine_budget": float(self.limit)}
+
+
+class LazyEngine:
+    """An engine that is built only when first asked for, under the budget, and dropped whole when
+    the budget needs its room (it is built again on the next request). The trainer of a vLLM run
+    is one: transformers loads the generator's weights to train adapters, and the vLLM engine that
+    serves them is released first."""
+
+    def __init__(self, model: str, build: Callable[[], Any], budget: EngineBudget) -> None:
+        self.model = model
+        self._build = build
+        self._budget = budget
+        self._engine: Any = None
+
+    def __call__(self) -> Any:
+        if self._engine is None:
+            self._budget.admit(self)
+            self._engine = self._build()
+        else:
+            self._budget.touch(self)
+        return self._engine
+
+    def release(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+    def close(self) -> None:
+        self.release()
+        self._budget.forget(self)

@@ -68,6 +68,12 @@ class CachedBackend(Backend):
         values = self.cache.get_or_compute(keys, "generation", compute, self.stats)
         return [_from_json(v) for v in values]  # type: ignore[arg-type]
 
+    def context_window(self) -> int | None:
+        return self.inner.context_window()
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        return self.inner.prompt_tokens(request)
+
     def __getattr__(self, attribute: str) -> Any:
         """Training methods reach the engine itself (policy, model) through the wrapper."""
         return getattr(self.inner, attribute)

@@ -33,6 +33,7 @@ from apm_bench.backends.base import (
     Generation,
     GenerationRequest,
     SamplingParams,
+    within_context,
 )
 from apm_bench.errors import ConfigError
 
@@ -226,6 +227,14 @@ class HFBackend(Backend):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         return [g.generation for g in self.generate_with_ids(requests)]
 
+    def context_window(self) -> int | None:
+        """The model's position limit: past it a learned-position model fails and a rotary one degrades."""
+        limit = getattr(self.lm.config, "max_position_embeddings", None)
+        return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        return self._prepare(0, request).length
+
     def close(self) -> None:
         self.lm = None  # type: ignore[assignment]
         if self.device.type == "cuda":
@@ -243,6 +252,11 @@ class HFBackend(Backend):
             _check_params(request.params)
         prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
         results: list[HFGeneration | None] = [None] * len(requests)
+        for row, fitted in zip(prepared, within_context(requests, [p.length for p in prepared], self.context_window())):
+            if isinstance(fitted, Generation):
+                results[row.index] = HFGeneration(fitted, (), stopped=False)
+            else:
+                row.params = fitted.params
         modes = [(m, m.training) for m in self.lm.modules()]  # training code may have set some to train
         self.lm.eval()
         try:
@@ -250,7 +264,7 @@ class HFBackend(Backend):
                 for adapter, indices in self._adapter_groups(requests):
                     with self._adapter_scope(adapter):
                         # similar lengths together: less padding (results do not depend on the batch)
-                        ordered = sorted(indices, key=lambda i: prepared[i].length)
+                        ordered = sorted((i for i in indices if results[i] is None), key=lambda i: prepared[i].length)
                         for start in range(0, len(ordered), self.batch_size):
                             rows = [prepared[i] for i in ordered[start : start + self.batch_size]]
                             for row, output in zip(rows, self._generate_batch(rows)):

@@ -12,6 +12,7 @@ is never kept on the backend, logged, or written into configs and results.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import os
@@ -21,7 +22,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest
+from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest, context_failure
 from apm_bench.errors import ApmError, ConfigError
 
 #: the placeholder key local servers accept (vLLM's own documentation uses it)
@@ -66,6 +67,13 @@ def unwire_seed(seed: int) -> int:
     return seed + _UINT64 if seed < 0 else seed
 
 
+def is_context_error(error: Exception) -> bool:
+    """HTTP 400 because prompt plus answer exceed the model's context (vLLM, OpenAI and SGLang say so)."""
+    message = str(getattr(error, "message", "") or error).lower()
+    return getattr(error, "status_code", None) == 400 and any(
+        phrase in message for phrase in ("context length", "max_model_len", "context window", "too long"))
+
+
 def _run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from synchronous code, even inside a running event loop."""
     try:
@@ -94,7 +102,8 @@ class OpenAIBackend(Backend):
 
     Adapters are addressed by name: vLLM serves each LoRA adapter as its own model name, so a request
     with `adapter=AdapterRef("user-17")` is sent with `model="user-17"`. Soft prompts cannot travel
-    over this API and are refused.
+    over this API and are refused. `structured_outputs: true` (for vLLM servers) sends a request's
+    `choices` as vLLM's `structured_outputs` body field, so the judge's answer is decoded as a score.
     """
 
     name = "openai"
@@ -114,10 +123,13 @@ class OpenAIBackend(Backend):
         timeout: float = 120.0,
         chat_template_kwargs: dict[str, Any] | None = None,
         extra_body: dict[str, Any] | None = None,
+        max_model_len: int | None = None,
+        structured_outputs: bool = False,
         **unknown: Any,
     ) -> None:
         if unknown:
-            known = "base_url, api_key_env, max_concurrency, max_retries, timeout, chat_template_kwargs, extra_body"
+            known = ("base_url, api_key_env, max_concurrency, max_retries, timeout, chat_template_kwargs, "
+                     "extra_body, max_model_len, structured_outputs")
             raise ConfigError(f"unknown option(s) for the openai backend: {', '.join(sorted(unknown))}; known: {known}")
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
@@ -127,6 +139,13 @@ class OpenAIBackend(Backend):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not api_key_env:
             raise ConfigError("api_key_env must name an environment variable")
+        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                          or max_model_len < 1):
+            raise ConfigError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+        if not isinstance(structured_outputs, bool):
+            raise ConfigError(f"structured_outputs must be true or false, got {structured_outputs!r}")
+        if structured_outputs:
+            self.capabilities = dataclasses.replace(self.capabilities, structured_outputs=True)
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -135,6 +154,8 @@ class OpenAIBackend(Backend):
         self.timeout = float(timeout)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.extra_body = dict(extra_body or {})
+        self._window: int | None = max_model_len
+        self._window_asked = max_model_len is not None
         self._jitter = random.Random()
         self._api_key()  # fail at construction, not in the middle of a run
 
@@ -161,6 +182,67 @@ class OpenAIBackend(Backend):
             f"{self.effective_base_url} (keys are read from the environment only)"
         )
 
+    # ------------------------------------------------------------------ the server's context
+
+    @property
+    def server_root(self) -> str:
+        """The server without its /v1 (vLLM serves /tokenize beside it, not under it)."""
+        url = self.effective_base_url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    def _http(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """A small JSON call to the server; None where it does not offer it (not every server is vLLM).
+        The standard library's client: the openai package's own HTTP library changes between majors."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.server_root}{path}", method=method, data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self._api_key()}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's server)
+                data = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def context_window(self) -> int | None:
+        """`max_model_len` as given, else as the server lists it for the model (vLLM does)."""
+        if not self._window_asked:
+            self._window_asked = True
+            listing = self._http("GET", "/v1/models") or {}
+            for entry in listing.get("data") or []:
+                if isinstance(entry, dict) and entry.get("id") == self.model and isinstance(entry.get("max_model_len"), int):
+                    self._window = entry["max_model_len"]
+        return self._window
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        """Counted by the server's own tokenizer and chat template (vLLM's /tokenize)."""
+        kwargs = self.request_kwargs(request)
+        body: dict[str, Any] = {"model": self.model, "messages": kwargs["messages"], **kwargs.get("extra_body", {})}
+        body.setdefault("add_generation_prompt", True)
+        answer = self._http("POST", "/tokenize", body)
+        if answer is None or not isinstance(answer.get("count"), int):
+            raise RemoteCallError(f"{self.server_root} does not count tokens (no /tokenize); set the openai "
+                                  "option max_model_len only for a vLLM server")
+        return int(answer["count"])
+
+    async def _over_context(self, client: Any, request: GenerationRequest, kwargs: dict[str, Any],
+                            message: str) -> Generation:
+        """A request the server refused as too long: asked once more with the answer budget that
+        is left, or, where the prompt alone is too long, a failed generation (the run goes on)."""
+        window = await asyncio.to_thread(self.context_window)
+        try:
+            used = await asyncio.to_thread(self.prompt_tokens, request)
+        except RemoteCallError:
+            return Generation(text="", error=f"context: {message}")
+        if window is None or window - used < 1:
+            return context_failure(used, window) if window else Generation(text="", prompt_tokens=used,
+                                                                            error=f"context: {message}")
+        completion = await client.chat.completions.create(**{**kwargs, "max_tokens": min(kwargs["max_tokens"], window - used)})
+        return self.to_generation(completion, request)
+
     # ------------------------------------------------------------------ requests and responses
 
     def request_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
@@ -183,6 +265,8 @@ class OpenAIBackend(Backend):
         if params.reasoning_effort:
             kwargs["reasoning_effort"] = params.reasoning_effort
         body = dict(self.extra_body)
+        if params.choices and self.capabilities.structured_outputs:
+            body["structured_outputs"] = {"choice": list(params.choices)}
         if request.prefill:  # vLLM's server continues a final assistant message on request
             kwargs["messages"].append({"role": "assistant", "content": request.prefill})
             body.update(continue_final_message=True, add_generation_prompt=False)
@@ -259,6 +343,8 @@ class OpenAIBackend(Backend):
                     completion = await client.chat.completions.create(**kwargs)
                     return self.to_generation(completion, request)
                 except openai.APIError as error:
+                    if is_context_error(error):
+                        return await self._over_context(client, request, kwargs, str(error.message))
                     if not self._retryable(error):
                         status = getattr(error, "status_code", "?")
                         raise RemoteCallError(

@@ -52,6 +52,7 @@ from apm_bench.backends.base import (
     GenerationRequest,
     Message,
     SoftPrompt,
+    within_context,
 )
 from apm_bench.backends.budget import EngineBudget
 from apm_bench.errors import ConfigError
@@ -149,6 +150,9 @@ _ENGINE_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     "max_num_batched_tokens": _positive_int,
 }
 ENGINE_OPTIONS = tuple(_ENGINE_OPTIONS)
+
+#: adapters one engine batch may mix when LoRA is switched on for a run's adapters (vLLM's default is 1)
+AUTO_MAX_LORAS = 4
 
 #: defaults we set where vLLM's own would not suit a benchmark run
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -318,6 +322,31 @@ def render_prompt_ids(tokenizer: Any, messages: Sequence[Message], chat_kwargs: 
         conversation(messages), tokenize=False, add_generation_prompt=True, **dict(chat_kwargs)
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+#: where a model's config states how many positions it attends to, by architecture family
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def config_context_window(model: str) -> int | None:
+    """The context a model's config declares (the text config of multimodal models); None when it
+    declares none or is not on disk yet, in which case the loaded engine's max_model_len is used."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)  # never a download for this
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "get_text_config", lambda: config)()
+    for name in _CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def soft_prompt_width(request: GenerationRequest) -> int:
+    return len(request.soft_prompt.embeddings) if has_soft_prompt(request) else 0  # type: ignore[union-attr]
 
 
 def has_soft_prompt(request: GenerationRequest) -> bool:
@@ -609,6 +638,7 @@ class VLLMBackend(Backend):
 
     def _split_options(self, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         options = dict(options)
+        self._user_options = frozenset(options)
         chat_kwargs = options.pop("chat_template_kwargs", None) or {}
         if not isinstance(chat_kwargs, Mapping):
             raise ConfigError(f"vllm option chat_template_kwargs must be a mapping, got {chat_kwargs!r}")
@@ -633,6 +663,7 @@ class VLLMBackend(Backend):
         self._tokenizer: Any = None
         self._adapters: LoRARegistry = {}
         self._budget: EngineBudget | None = None
+        self._window: int | None = None
 
     def bind_budget(self, budget: EngineBudget) -> None:
         self._budget = budget
@@ -649,6 +680,21 @@ class VLLMBackend(Backend):
             self._budget.touch(self)
         return self._llm
 
+    def training_twin(self) -> Backend:
+        """The same model in transformers, for methods that train adapters or soft prompts: vLLM
+        serves weights but does not train them. Same chat template options; the engine's dtype
+        where transformers has it; the GPU where there is one."""
+        import torch
+
+        from apm_bench.backends.hf import HFBackend
+
+        cuda = torch.cuda.is_available()
+        dtype = self._engine_kwargs.get("dtype")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            dtype = "bfloat16" if cuda else "float32"
+        return HFBackend(self.model, chat_template_kwargs=dict(self._chat_kwargs), dtype=dtype,
+                         device="cuda" if cuda else "cpu")
+
     def fingerprint(self) -> str:
         """Model plus the options that change answers (dtype, context length, chat-template kwargs)."""
         shaping = {k: self._engine_kwargs[k] for k in ("dtype", "max_model_len") if k in self._engine_kwargs}
@@ -659,9 +705,37 @@ class VLLMBackend(Backend):
     # -- helpers ---------------------------------------------------------------------------------
 
     def _get_tokenizer(self) -> Any:
+        """The engine's tokenizer once it runs; before that the same one from the model's files, so
+        counting a prompt's tokens never loads an engine."""
         if self._tokenizer is None:
-            self._tokenizer = self._engine().get_tokenizer()
+            if self._llm is not None:
+                self._tokenizer = self._llm.get_tokenizer()
+            else:
+                from transformers import AutoTokenizer
+
+                source = self._engine_kwargs.get("tokenizer") or self.model
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    source, trust_remote_code=bool(self._engine_kwargs.get("trust_remote_code", False)))
         return self._tokenizer
+
+    def context_window(self) -> int | None:
+        """The engine's max_model_len: the option where set, else what the model's config allows
+        (read without loading the engine, as vLLM derives it)."""
+        if self._window is None:
+            configured = self._engine_kwargs.get("max_model_len")
+            if configured is None and self._llm is not None:
+                configured = getattr(getattr(getattr(self._llm, "llm_engine", None), "model_config", None),
+                                     "max_model_len", None)
+            self._window = int(configured) if isinstance(configured, int) else config_context_window(self.model)
+        return self._window
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tokenizer = self._get_tokenizer()
+        ids = render_prompt_ids(tokenizer, request.messages, template_kwargs(request, self._chat_kwargs))
+        return ids + (list(tokenizer.encode(request.prefill, add_special_tokens=False)) if request.prefill else [])
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self._prompt_ids(request)) + soft_prompt_width(request)
 
     def _get_embeddings(self) -> Callable[[Sequence[int]], Any]:
         if self._embeddings is None:
@@ -669,27 +743,49 @@ class VLLMBackend(Backend):
         return self._embeddings
 
     def _check(self, requests: Sequence[GenerationRequest]) -> None:
+        """Switch on what the requests need (LoRA, prompt embeddings) unless the user switched it
+        off; a running engine restarts with it. Limits the user set are checked, not raised."""
         kwargs = self._engine_kwargs
+        wanted: dict[str, Any] = {}
         adapters = {r.adapter.name: r.adapter for r in requests if r.adapter is not None}
-        if adapters and not kwargs.get("enable_lora"):
-            raise ConfigError(
-                f"requests use adapter(s) {', '.join(sorted(adapters))} but the vllm engine was built without "
-                "enable_lora: true (set it, with max_lora_rank at least the adapters' rank)"
-            )
-        max_rank = kwargs.get("max_lora_rank", 16)  # vLLM's LoRAConfig default
-        for adapter in adapters.values():
-            rank = adapter_rank(adapter.path) if adapter.path else None
-            if rank is not None and rank > max_rank:
+        if adapters:
+            if kwargs.get("enable_lora") is False:
                 raise ConfigError(
-                    f"adapter {adapter.name!r} has rank {rank} but the vllm engine's max_lora_rank is {max_rank}; "
+                    f"requests use adapter(s) {', '.join(sorted(adapters))} but the vllm option enable_lora is false")
+            ranks = [adapter_rank(a.path) if a.path else None for a in adapters.values()]
+            rank = max((r for r in ranks if r is not None), default=0)
+            max_rank = kwargs.get("max_lora_rank", 16)  # vLLM's LoRAConfig default
+            if rank > max_rank and "max_lora_rank" in self._user_options:
+                raise ConfigError(
+                    f"an adapter has rank {rank} but the vllm engine's max_lora_rank is {max_rank}; "
                     f"set max_lora_rank to one of {', '.join(str(r) for r in LORA_RANKS if r >= rank)}"
                 )
-        if any(has_soft_prompt(r) for r in requests) and not kwargs.get("enable_prompt_embeds"):
-            raise ConfigError("soft prompts on the vllm backend need the engine option enable_prompt_embeds: true")
+            wanted["enable_lora"] = True
+            if rank > max_rank:
+                wanted["max_lora_rank"] = next(r for r in LORA_RANKS if r >= rank)
+            if "max_loras" not in self._user_options:
+                wanted["max_loras"] = max(kwargs.get("max_loras", 1), min(len(adapters), AUTO_MAX_LORAS))
+        if any(has_soft_prompt(r) for r in requests):
+            if kwargs.get("enable_prompt_embeds") is False:
+                raise ConfigError("soft prompts on the vllm backend need enable_prompt_embeds; it is set to false")
+            wanted["enable_prompt_embeds"] = True
+        self._reconfigure({k: v for k, v in wanted.items() if kwargs.get(k) != v})
         max_logprobs = kwargs.get("max_logprobs", 20)  # vLLM's ModelConfig default
-        wanted = max((logprobs_count(r) or 0 for r in requests), default=0)
-        if max_logprobs != -1 and wanted > max_logprobs:
-            raise ConfigError(f"requests ask for {wanted} logprobs but the vllm engine's max_logprobs is {max_logprobs}")
+        most = max((logprobs_count(r) or 0 for r in requests), default=0)
+        if max_logprobs != -1 and most > max_logprobs:
+            raise ConfigError(f"requests ask for {most} logprobs but the vllm engine's max_logprobs is {max_logprobs}")
+
+    def _reconfigure(self, changes: dict[str, Any]) -> None:
+        """New engine options: a loaded engine is released and loads again with them when next used."""
+        if not changes:
+            return
+        self._engine_kwargs.update(changes)
+        if "max_loras" in self._engine_kwargs and self._engine_kwargs.get("max_cpu_loras", 0) < self._engine_kwargs["max_loras"]:
+            self._engine_kwargs.pop("max_cpu_loras", None)  # vLLM then keeps as many as max_loras
+        if self._llm is not None and self.platform != "given":
+            if self._budget is not None:
+                self._budget.forget(self)
+            self.release()
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         kwargs = sampling_kwargs(request)
@@ -712,17 +808,17 @@ class VLLMBackend(Backend):
         if not requests:
             return []
         self._check(requests)
-        tokenizer = self._get_tokenizer()
-        prompt_ids = [
-            render_prompt_ids(tokenizer, r.messages, template_kwargs(r, self._chat_kwargs))
-            + (list(tokenizer.encode(r.prefill, add_special_tokens=False)) if r.prefill else [])
-            for r in requests
-        ]
+        prompt_ids = [self._prompt_ids(r) for r in requests]
+        fitted = within_context(requests, [len(ids) + soft_prompt_width(r) for ids, r in zip(prompt_ids, requests)],
+                                self.context_window())
+        results: list[Generation | None] = [f if isinstance(f, Generation) else None for f in fitted]
+        sent = [i for i, f in enumerate(fitted) if isinstance(f, GenerationRequest)]
+        requests = [f if isinstance(f, GenerationRequest) else r for f, r in zip(fitted, requests)]
         specs = lora_requests(requests, self._adapters)
         sampling = [self._sampling_params(r) for r in requests]
-        results: list[Generation | None] = [None] * len(requests)
 
-        for soft, rows in engine_calls(requests, self.group_by_adapter):
+        for soft, chosen in engine_calls([requests[i] for i in sent], self.group_by_adapter):
+            rows = [sent[j] for j in chosen]
             if not soft:
                 prompts = [{"prompt_token_ids": prompt_ids[i]} for i in rows]  # vllm.inputs.TokensPrompt
                 self._run(requests, rows, prompts, sampling, specs, [len(prompt_ids[i]) for i in rows], results)
@@ -732,7 +828,7 @@ class VLLMBackend(Backend):
             for i in rows:
                 embeds = embeds_prompt(lookup(prompt_ids[i]), requests[i].soft_prompt)  # type: ignore[arg-type]
                 prompts.append({"prompt_embeds": embeds})  # vllm.inputs.EmbedsPrompt
-            counts = [len(prompt_ids[i]) + len(requests[i].soft_prompt.embeddings) for i in rows]  # type: ignore[union-attr]
+            counts = [len(prompt_ids[i]) + soft_prompt_width(requests[i]) for i in rows]
             self._run(requests, rows, prompts, sampling, specs, counts, results)
         return [g for g in results if g is not None]
 

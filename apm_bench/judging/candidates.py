@@ -37,6 +37,8 @@ class Candidate:
     prompt: str
     label: StyleLabel
     text: str
+    #: why the candidate writer produced nothing (its prompt did not fit): never rated, counted
+    error: str | None = None
 
 
 class CandidateBank:
@@ -72,7 +74,7 @@ class CandidateBank:
         for row, uid in enumerate(missing):
             texts = generations[row * width : (row + 1) * width]
             self._candidates[uid] = [
-                Candidate(uid, prompts[uid], label, g.text) for label, g in zip(self.labels, texts)
+                Candidate(uid, prompts[uid], label, g.text, g.error) for label, g in zip(self.labels, texts)
             ]
 
     def candidates(self, user_id: str) -> list[Candidate]:
@@ -87,6 +89,11 @@ class CandidateBank:
                 if key not in self._ratings:
                     keys.append(key)
         keys = list(dict.fromkeys(keys))
+        for uid, i, principle in keys:
+            error = self._candidates[uid][i].error
+            if error is not None:
+                self._ratings[(uid, i, principle)] = Rating(score=None, error=f"no candidate: {error}")
+        keys = [key for key in keys if key not in self._ratings]
         requests = [
             RatingRequest(
                 prompt=self._candidates[uid][i].prompt,

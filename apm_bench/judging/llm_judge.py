@@ -231,6 +231,7 @@ class LLMJudge(Judge):
     def rate(self, requests: Sequence[RatingRequest]) -> list[Rating]:
         scores: list[float | None] = [None] * len(requests)
         last_answer: list[str] = [""] * len(requests)
+        unsent: dict[int, str] = {}  # a prompt that does not fit the judge's context fails the same way every time
         pending = list(range(len(requests)))
         for attempt in range(self.config.retries + 1):
             if not pending:
@@ -240,11 +241,14 @@ class LLMJudge(Judge):
             for index, generation in zip(pending, generations):
                 scores[index] = self._read(generation)
                 last_answer[index] = generation.text
+                if generation.error is not None:
+                    unsent[index] = generation.error
             self._force_answers(pending, asked, generations, scores, last_answer)
             if self.config.weighted:
                 self._weigh_tens(pending, asked, generations, scores)
-            pending = [i for i in pending if scores[i] is None]
+            pending = [i for i in pending if scores[i] is None and i not in unsent]
         return [
-            Rating(score=s) if s is not None else Rating(score=None, error=f"unparseable judge output: {last_answer[i][:80]!r}")
+            Rating(score=s) if s is not None
+            else Rating(score=None, error=unsent.get(i) or f"unparseable judge output: {last_answer[i][:80]!r}")
             for i, s in enumerate(scores)
         ]

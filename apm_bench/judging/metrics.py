@@ -29,6 +29,10 @@ class MethodMetrics(BaseModel):
     gain: float | None = None
     failed_ratings: int = 0
     unscorable_users: int = 0
+    #: responses never generated because the prompt did not fit the generator's context
+    failed_generations: int = 0
+    #: prompts whose history or examples were cut to fit the generator's context
+    trimmed_prompts: int = 0
 
 
 def bootstrap_ci(
@@ -87,6 +91,8 @@ def method_metrics(
         loss=float((diff < -TIE_TOLERANCE).mean()) if n else float("nan"),
         failed_ratings=failed,
         unscorable_users=len(samples) - n,
+        failed_generations=int(samples["generation_error"].notna().sum()) if "generation_error" in samples else 0,
+        trimmed_prompts=int((samples["context_trimmed"] > 0).sum()) if "context_trimmed" in samples else 0,
     )
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from apm_bench.backends.base import AdapterRef, Backend, Message, SoftPrompt
 from apm_bench.errors import ConfigError, first_error
 from apm_bench.judging.feedback import FeedbackOracle
+from apm_bench.methods.context_budget import ContextBudget
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.registry import Registry
 from apm_bench.world.catalog import Principle
@@ -55,7 +56,8 @@ class Personalization:
     messages: tuple[Message, ...]
     adapter: AdapterRef | None = None
     soft_prompt: SoftPrompt | None = None
-    #: what the method wants recorded with the sample, e.g. {"summary": ...}
+    #: what the method wants recorded with the sample, e.g. {"summary": ...}; "context_trimmed":
+    #: how many history messages or examples were left out to fit the generator's context
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,6 +74,11 @@ class FitContext:
     artifacts: ArtifactStore | None = None
     #: a line of progress (e.g. "training soft-prompt: step 40/300, loss 0.41") for the user's display
     report: Callable[[str], None] = _quiet
+    #: the generator's context less the answer's tokens: what histories and examples may fill
+    budget: ContextBudget = field(default_factory=ContextBudget)
+    #: where the generator cannot train (vLLM): builds, on first call, an engine of the same model
+    #: that can (transformers); what it trains is saved and served by the generator
+    trainer: Callable[[], Backend] | None = None
 
 
 class MethodOptions(BaseModel):

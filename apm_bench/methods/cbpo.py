@@ -93,7 +93,6 @@ class Cbpo(Personalizer):
         if given is not None:
             self._load(given, "cbpo-" + given.name, context)
             return
-        engine = trainer(self.name, context.generator)
         groups = [(user, ranked_candidates(context, user)[: self.options.positives_per_user]) for user, _ in labelled]
         options = self.options.model_dump(mode="json", exclude={"artifacts"})
         key = artifact_key(self.name, context, options, sorted((u.id, u.history, tuple(r)) for u, r in groups) + [labels])
@@ -102,6 +101,7 @@ class Cbpo(Personalizer):
             self._load(found, key, context)
             self.records = [TrainingRecord(name=f"{key}-{n}", reused=True) for n in json.loads((found / LABELS_FILE).read_text())]
             return
+        engine = trainer(self.name, context)
         self._train_all(engine, key, groups, labels, context)
         if context.artifacts is not None:
             with context.artifacts.writing(key) as staging:

@@ -34,6 +34,7 @@ from apm_bench.methods.base import (
     UserView,
     register_method,
 )
+from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.training import PreferencePair, TrainingRecord, can_train, train_dpo
 from apm_bench.sim.style import stable_seed
@@ -57,12 +58,16 @@ class PopiOptions(MethodOptions):
     summaries_method: str = Field(default="popi", description="which method's summaries to take from a samples file")
 
 
+def summary_messages(history: Sequence[str]) -> tuple[Message, ...]:
+    system, user = summarize_messages(list(history))
+    return (Message("system", system), Message("user", user))
+
+
 def summary_request(
     history: Sequence[str], seed: int, max_tokens: int, temperature: float, adapter: AdapterRef | None = None
 ) -> GenerationRequest:
-    system, user = summarize_messages(list(history))
     return GenerationRequest(
-        messages=(Message("system", system), Message("user", user)),
+        messages=summary_messages(history),
         seed=seed,
         params=SamplingParams(temperature=temperature, max_tokens=max_tokens),
         adapter=adapter,
@@ -119,6 +124,9 @@ class Popi(Personalizer):
         self._best: list[tuple[tuple[str, ...], str]] = []
         self._index: NearestNeighbors | None = None
         self._reused: dict[tuple[int | None, str], str] | None = None
+        self._budget = ContextBudget()
+        #: test user id → history messages left out of their summary request to fit the context
+        self.trimmed: dict[str, int] = {}
 
     def training_records(self) -> list[TrainingRecord]:
         return [self.training] if self.training is not None else []
@@ -127,6 +135,7 @@ class Popi(Personalizer):
 
     def fit(self, context: FitContext) -> None:
         self._generator, self._embedder, self._world = context.generator, context.embedder, context.seed
+        self._budget = context.budget
         if self.options.summaries_file is not None:
             self._reused = load_summaries(self.options.summaries_file, self.options.summaries_method)
             return
@@ -174,7 +183,7 @@ class Popi(Personalizer):
         n = self.options.n_samples
         users: list[FitUser] = list(context.train_users)
         requests = [
-            summary_request(u.history, stable_seed("popi-sample", context.seed, u.id, j), self.options.max_tokens,
+            summary_request(self._history(u), stable_seed("popi-sample", context.seed, u.id, j), self.options.max_tokens,
                             self.options.sample_temperature)
             for u in users for j in range(n)
         ]
@@ -205,6 +214,12 @@ class Popi(Personalizer):
                 self._best.append((user.history, best[1]))
         return pairs
 
+    def _history(self, user: UserView) -> tuple[str, ...]:
+        """The newest part of the history that fits a summary request in the generator's context."""
+        trimmed = self._budget.newest(user.history, summary_messages, answer_tokens=self.options.max_tokens)
+        self.trimmed[user.id] = trimmed.dropped
+        return user.history[trimmed.dropped:]
+
     # ------------------------------------------------------------------ personalize
 
     def summaries_for(self, users: Sequence[UserView]) -> list[str]:
@@ -214,7 +229,7 @@ class Popi(Personalizer):
             return [self._reused_summary(u.id) for u in users]
         if self._index is not None:
             return self._best_of_n(users)
-        requests = [summary_request(u.history, stable_seed("popi-test", self._world, u.id), self.options.max_tokens,
+        requests = [summary_request(self._history(u), stable_seed("popi-test", self._world, u.id), self.options.max_tokens,
                                     self.options.temperature, self.adapter) for u in users]
         return [g.text for g in self._generator.generate(requests)]
 
@@ -228,7 +243,7 @@ class Popi(Personalizer):
     def _best_of_n(self, users: Sequence[UserView]) -> list[str]:
         assert self._generator is not None and self._embedder is not None and self._index is not None
         n = self.options.n_samples
-        requests = [summary_request(u.history, stable_seed("popi-test", self._world, u.id, j), self.options.max_tokens,
+        requests = [summary_request(self._history(u), stable_seed("popi-test", self._world, u.id, j), self.options.max_tokens,
                                     self.options.sample_temperature) for u in users for j in range(n)]
         samples = [g.text for g in self._generator.generate(requests)]
         _, neighbours = self._index.kneighbors(self._embedder.embed_histories([u.history for u in users]))
@@ -245,8 +260,9 @@ class Popi(Personalizer):
 
     def personalize_many(self, users: Sequence[UserView], prompts: Sequence[str]) -> list[Personalization]:
         return [
-            Personalization(chat(prompt, system=summary_context(summary)), notes={"summary": summary})
-            for prompt, summary in zip(prompts, self.summaries_for(users))
+            Personalization(chat(prompt, system=summary_context(summary)),
+                            notes={"summary": summary, **trimmed_note(self.trimmed.get(user.id, 0))})
+            for user, prompt, summary in zip(users, prompts, self.summaries_for(users))
         ]
 
 

@@ -16,8 +16,9 @@ import numpy as np
 from pydantic import Field
 from sklearn.neighbors import NearestNeighbors
 
-from apm_bench.backends.base import chat
+from apm_bench.backends.base import Message, chat
 from apm_bench.methods.base import FitContext, MethodOptions, Personalization, Personalizer, UserView, register_method
+from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.world.prompting import example_block, history_block
 
@@ -59,9 +60,10 @@ class Rag(Personalizer):
         self._index: NearestNeighbors | None = None
         self._embedder: HistoryEmbedder | None = None
         self._rng = np.random.default_rng(0)
+        self._budget = ContextBudget()
 
     def fit(self, context: FitContext) -> None:
-        self._embedder = context.embedder
+        self._embedder, self._budget = context.embedder, context.budget
         self._rng = np.random.default_rng([context.seed, 0x7A6])
         examples = []
         for user in context.train_users:
@@ -105,7 +107,13 @@ class Rag(Personalizer):
 
     def personalize_many(self, users: Sequence[UserView], prompts: Sequence[str]) -> list[Personalization]:
         rows = self._retrieve([u.history for u in users])
-        return [
-            Personalization(chat(prompt, system=self._system_prompt([self._examples[i] for i in row])))
-            for prompt, row in zip(prompts, rows)
-        ]
+        return [self._with_examples(prompt, [self._examples[i] for i in row]) for prompt, row in zip(prompts, rows)]
+
+    def _with_examples(self, prompt: str, examples: list[_Example]) -> Personalization:
+        """As many of the examples as the context holds, the least similar dropped first."""
+
+        def build(k: int) -> tuple[Message, ...]:
+            return chat(prompt, system=self._system_prompt(examples[:k])) if k else chat(prompt)
+
+        trimmed = self._budget.largest(build, len(examples))
+        return Personalization(trimmed.messages, notes=trimmed_note(trimmed.dropped))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from apm_bench.backends.base import chat
+from apm_bench.backends.base import Message, chat
 from apm_bench.methods.base import FitContext, Personalization, Personalizer, UserView, register_method
+from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.world.catalog import Principle
 from apm_bench.world.prompting import history_context, style_instruction
 from apm_bench.world.users import Target
@@ -71,7 +72,19 @@ class Prior(Personalizer):
 class HistoryInContext(Personalizer):
     description = "The user's raw history in the system prompt (the obvious in-context baseline)."
 
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._budget = ContextBudget()
+
+    def fit(self, context: FitContext) -> None:
+        self._budget = context.budget
+
     def personalize(self, user: UserView, prompt: str) -> Personalization:
         if not user.history:
             return Personalization(chat(prompt))
-        return Personalization(chat(prompt, system=history_context(list(user.history))))
+
+        def build(history: tuple[str, ...]) -> tuple[Message, ...]:
+            return chat(prompt, system=history_context(list(history))) if history else chat(prompt)
+
+        trimmed = self._budget.newest(user.history, build)
+        return Personalization(trimmed.messages, notes=trimmed_note(trimmed.dropped))

@@ -131,7 +131,6 @@ class SoftPromptMethod(Personalizer):
         if given is not None:
             self._load(given, "soft-prompt-" + given.name, export=False)
             return
-        engine = trainer(self.name, context.generator)
         pairs, features = self._pairs(context)
         options = self.options.model_dump(mode="json", exclude={"artifacts"})
         key = artifact_key(self.name, context, options, [(p.request.messages[-1].content, p.chosen, p.rejected) for p in pairs]
@@ -141,6 +140,7 @@ class SoftPromptMethod(Personalizer):
             self._load(found, key)
             self.record = TrainingRecord(name=key, examples=len(pairs), reused=True)
             return
+        engine = trainer(self.name, context)
         self._train(engine, key, pairs, features, context)
         if context.artifacts is not None:
             with context.artifacts.writing(key) as staging:

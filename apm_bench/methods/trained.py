@@ -16,14 +16,19 @@ from apm_bench.methods.base import FitContext, FitUser
 from apm_bench.methods.training import can_train
 
 
-def trainer(method: str, backend: Backend) -> Any:
-    """The generator itself, if it can train; the error says how to get weights for other engines."""
-    if not can_train(backend):
-        raise ConfigError(
-            f"{method}: backend {backend.name!r} cannot train; train with --backend hf (or sim), then serve the "
-            f"run's artifacts on {backend.name!r} with method_options: {{{method}: {{artifacts: PATH}}}} in a --config file"
-        )
-    return backend
+def trainer(method: str, context: FitContext) -> Any:
+    """The engine that trains weights for the generator's model: the generator itself where it can
+    (sim, hf), else the run's trainer (transformers beside a vLLM generator); the error says how to
+    get weights for other engines."""
+    if can_train(context.generator):
+        return context.generator
+    if context.trainer is not None:
+        return context.trainer()
+    backend = context.generator
+    raise ConfigError(
+        f"{method}: backend {backend.name!r} cannot train; train with --backend hf (or sim), then serve the "
+        f"run's artifacts on {backend.name!r} with method_options: {{{method}: {{artifacts: PATH}}}} in a --config file"
+    )
 
 
 def artifact_key(method: str, context: FitContext, options: dict[str, Any], data: Any) -> str:

@@ -66,6 +66,7 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
         "![Δ score per method](delta.png)",
         "## Per world\n\n" + metrics_table(per_world),
         summaries_section(result.samples),
+        context_section(result.samples),
         training_section(result.training),
         "## Cost\n\n| stage | counts |\n|---|---|\n" + costs,
     ]
@@ -83,6 +84,26 @@ def summaries_section(samples) -> str:  # type: ignore[no-untyped-def]
         lines.append(f"| {method} | {history:.1f} | {summary:.1f} | {history / max(summary, 1e-9):.1f}× |")
     example = samples.dropna(subset=["summary"]).iloc[0]
     lines += ["", f"Example ({example['method']}, user {example['user_id']}): “{example['summary']}”"]
+    return "\n".join(lines)
+
+
+def context_section(samples) -> str:  # type: ignore[no-untyped-def]
+    """How often a prompt had to be cut, or could not be sent at all, to fit the generator's context."""
+    if "context_trimmed" not in samples.columns:
+        return ""
+    trimmed = samples["context_trimmed"] > 0
+    failed = samples["generation_error"].notna()
+    if not trimmed.any() and not failed.any():
+        return ""
+    lines = ["## Context budget", "",
+             "Histories and examples are cut to the generator's context, oldest messages and least similar "
+             "examples first; a prompt that still does not fit is not sent, and its user leaves that "
+             "method's Δ.", "",
+             "| method | prompts | trimmed | items left out | not generated |", "|---|---:|---:|---:|---:|"]
+    for method, rows in samples.groupby("method", sort=False):
+        cut, lost = rows["context_trimmed"] > 0, rows["generation_error"].notna()
+        lines.append(f"| {method} | {len(rows)} | {int(cut.sum())} ({cut.mean():.0%}) | "
+                     f"{int(rows['context_trimmed'].sum())} | {int(lost.sum())} ({lost.mean():.0%}) |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from apm_bench.sim.writer import SimWriterConfig
 from apm_bench.world.mapping import MappingKind
 
 Control = Literal["no-history", "shuffled-history"]
+EngineRole = Literal["generator", "candidate_writer", "history_writer", "judge"]
 SIM_JUDGE = "sim-judge"
 SIM_WRITER = "sim"
 #: named role sets: which model the candidate writer, the history writer and the judge run on
@@ -47,6 +48,7 @@ class RunConfig(BaseModel):
     judge_url: str | None = None
     judge_weighted: bool = Field(default=False, description="probability-weighted LLM judge scores from logprobs")
     judge_max_tokens: int = Field(default=8, ge=1)
+    judge_temperature: float = Field(default=0.0, ge=0, description="LLM judge sampling temperature (seeded)")
     judge_reasoning_effort: Literal["low", "medium", "high"] | None = None
     writer_model: str = Field(default=SIM_WRITER, description="'sim' (phrase banks) or a model that rewrites prompts")
     writer_backend: str | None = None
@@ -56,6 +58,12 @@ class RunConfig(BaseModel):
     )
     allow_simulated_roles: bool = Field(
         default=False, description="let a real generator run with simulated candidates, histories or judge"
+    )
+    engine_options: dict[EngineRole, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="engine options per role (generator, candidate_writer, history_writer, judge), over the "
+                    "model alias's own: e.g. {judge: {tensor_parallel_size: 8}}; roles share an engine only "
+                    "where model, backend, server and options are all equal",
     )
     engine_budget: int = Field(default=1, ge=1, description="engines holding device memory (vllm) resident at once")
     cache: Path | None = Field(default_factory=lambda: default_cache_path(), description="call cache (sqlite); None = off")

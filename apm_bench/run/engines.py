@@ -6,11 +6,13 @@ engines that hold device memory load when first used, at most `engine_budget` at
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from apm_bench.backends import load_backend, resolve_model
 from apm_bench.backends.base import Backend
-from apm_bench.backends.budget import EngineBudget
+from apm_bench.backends.budget import EngineBudget, LazyEngine
 from apm_bench.backends.cached import CachedBackend
 from apm_bench.backends.history_writer import LLMHistoryWriter
 from apm_bench.cache import CacheStats, CallCache
@@ -36,6 +38,8 @@ class Engines:
     #: every distinct engine of the run (roles on the same engine share one)
     backends: list[Backend] = field(default_factory=list)
     budget: EngineBudget = field(default_factory=EngineBudget)
+    #: where the generator cannot train: its model in an engine that can, built when a method trains
+    trainer: LazyEngine | None = None
 
     def counters(self) -> dict[str, float]:
         """Cache hits and misses so far, per kind of call (the runner takes per-stage differences)."""
@@ -49,6 +53,8 @@ class Engines:
     def close(self) -> None:
         for backend in {id(b): b for b in (self.generator, self.candidate_writer, *self.backends)}.values():
             backend.close()
+        if self.trainer is not None:
+            self.trainer.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -60,23 +66,45 @@ class RoleEngine:
     model: str
     backend: str | None
     url: str | None
+    #: the role's engine options as canonical JSON (hashable; equal options compare equal)
+    options: str = "{}"
+
+    def engine_options(self) -> dict[str, Any]:
+        return {**json.loads(self.options), **({"base_url": self.url} if self.url else {})}
 
 
-def _resolved(model: str, backend: str | None, url: str | None) -> RoleEngine:
+def _resolved(model: str, backend: str | None, url: str | None, options: dict[str, Any]) -> RoleEngine:
     """With the engine an alias or a path implies filled in, so equal engines compare equal."""
     if model in (SIM_WRITER, SIM_JUDGE) and backend is None:
         return RoleEngine(model, None, url)  # the in-process simulator's writer and judge
-    return RoleEngine(model, resolve_model(model, backend).backend, url)
+    return RoleEngine(model, resolve_model(model, backend).backend, url, json.dumps(options, sort_keys=True))
+
+
+#: the role names of the `engine_options` config field
+ROLE_KEYS = {"generator": "generator", "candidate writer": "candidate_writer", "history writer": "history_writer",
+             "judge": "judge"}
 
 
 def role_engines(config: RunConfig) -> dict[str, RoleEngine]:
-    """The run's four roles (the in-process simulator's writer and judge included, by their names)."""
-    return {
-        "generator": _resolved(config.model, config.backend, config.base_url),
-        "candidate writer": _resolved(config.candidate_model, config.candidate_backend, config.candidate_url),
-        "history writer": _resolved(config.writer_model, config.writer_backend, config.writer_url),
-        "judge": _resolved(config.judge_model, config.judge_backend, config.judge_url),
+    """The run's four roles (the in-process simulator's writer and judge included, by their names).
+    A role without engine options of its own takes those of a role on the same model, engine and
+    server (the generator's first), so setting them once keeps such roles on one engine."""
+    places = {
+        "generator": (config.model, config.backend, config.base_url),
+        "candidate writer": (config.candidate_model, config.candidate_backend, config.candidate_url),
+        "history writer": (config.writer_model, config.writer_backend, config.writer_url),
+        "judge": (config.judge_model, config.judge_backend, config.judge_url),
     }
+    bare = {role: _resolved(*place, {}) for role, place in places.items()}
+    given = {role: config.engine_options[key] for role, key in ROLE_KEYS.items() if key in config.engine_options}
+
+    def options(role: str) -> dict[str, Any]:
+        if role in given:
+            return given[role]
+        return next((given[other] for other in ("generator", "judge", "candidate writer", "history writer")
+                     if other in given and bare[other] == bare[role]), {})
+
+    return {role: _resolved(*place, options(role)) for role, place in places.items()}
 
 
 #: the option that sets each role, for the message that asks for it
@@ -119,8 +147,7 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
 
     def backend(engine: RoleEngine) -> Backend:
         if engine not in built:
-            inner = load_backend(engine.model, catalog, backend=engine.backend,
-                                 options={"base_url": engine.url} if engine.url else {})
+            inner = load_backend(engine.model, catalog, backend=engine.backend, options=engine.engine_options())
             inner.bind_budget(budget)
             built[engine] = CachedBackend(inner, cache) if cache is not None else inner
         return built[engine]
@@ -135,6 +162,7 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
         judge_config = LLMJudgeConfig(
             weighted=config.judge_weighted,
             max_tokens=config.judge_max_tokens,
+            temperature=config.judge_temperature,
             reasoning_effort=config.judge_reasoning_effort,
         )
         judge = LLMJudge(backend(roles["judge"]), catalog.principles, judge_config)
@@ -147,4 +175,7 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
         history_writer = LLMHistoryWriter(backend(roles["history writer"]), catalog)
     if embedder is None:
         embedder = HistoryEmbedder(cache=cache)
-    return Engines(generator, candidate_writer, judge, history_writer, embedder, cache, list(built.values()), budget)
+    twin = getattr(generator, "training_twin", None)
+    trainer = LazyEngine(f"{config.model} (training)", twin, budget) if twin is not None else None
+    return Engines(generator, candidate_writer, judge, history_writer, embedder, cache, list(built.values()), budget,
+                   trainer)

@@ -22,11 +22,12 @@ from apm_bench.backends.base import GenerationRequest, SamplingParams
 from apm_bench.errors import ConfigError
 from apm_bench.judging.candidates import CandidateBank
 from apm_bench.judging.feedback import FeedbackOracle
-from apm_bench.judging.judge import RatingRequest
+from apm_bench.judging.judge import Rating, RatingRequest
 from apm_bench.judging.metrics import MethodMetrics, compute_metrics
 from apm_bench.judging.reward import weighted_reward
 from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserView
 from apm_bench.methods.artifacts import ArtifactStore
+from apm_bench.methods.context_budget import ContextBudget
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.run.config import RunConfig
 from apm_bench.run.engines import Engines, build_engines, check_roles
@@ -303,6 +304,8 @@ def _fit_context(
         seed=world.seed,
         artifacts=store,
         report=say.detail,
+        budget=ContextBudget(engines.generator, config.max_tokens),
+        trainer=engines.trainer,
     )
     return context, [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
 
@@ -367,11 +370,14 @@ def _generate_all(planned: list[_Planned], engines: Engines, watch: _Stopwatch, 
 def _rate_all(
     planned: list[_Planned], generations: list[list[Any]], engines: Engines, watch: _Stopwatch, say: _Stages
 ) -> list[list[Any]]:
-    """Phase 6: the judge rates every response on each of its user's targets, one batch."""
+    """Phase 6: the judge rates every response on each of its user's targets, one batch. A response
+    that could not be generated is not judged: its ratings stay empty and the sample counts as a
+    failed generation."""
     per_plan = [
         [
             RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=plan.world.seed)
             for u, prompt, g in zip(plan.users, plan.prompts, mine)
+            if not g.failed
             for t in plan.world.targets[u.id]
         ]
         for plan, mine in zip(planned, generations)
@@ -379,12 +385,15 @@ def _rate_all(
     requests = [r for rows in per_plan for r in rows]
     say(f"judging: {len(requests)} ratings")
     watch.start()
-    flat = engines.judge.rate(requests)
+    flat = iter(engines.judge.rate(requests))
     watch.stop("phase:judging", requests=len(requests))
-    ratings, start = [], 0
-    for plan, rows in zip(planned, per_plan):
-        ratings.append(flat[start : start + len(rows)])
-        start += len(rows)
+    ratings = []
+    for plan, mine, rows in zip(planned, generations, per_plan):
+        ratings.append([
+            Rating(score=None, error=g.error) if g.failed else next(flat)
+            for u, g in zip(plan.users, mine)
+            for _ in plan.world.targets[u.id]
+        ])
         watch.count(f"judge:{plan.variant.label}", calls=len(rows))
     return ratings
 
@@ -399,7 +408,7 @@ def _world_frame(planned: list[_Planned], generations: list[list[Any]], ratings:
         for user, prompt, personalization, generation in zip(plan.users, plan.prompts, plan.personalizations, mine):
             targets = plan.world.targets[user.id]
             user_ratings = [next(remaining) for _ in targets]
-            reward = weighted_reward(targets, user_ratings)
+            reward = weighted_reward(targets, user_ratings) if not generation.failed else None
             system = next((m.content for m in personalization.messages if m.role == "system"), "")
             rows.append(
                 {
@@ -411,10 +420,12 @@ def _world_frame(planned: list[_Planned], generations: list[list[Any]], ratings:
                     "history_tokens": sum(len(m.split()) for m in user.history),
                     "summary": personalization.notes.get("summary"),
                     "response": generation.text,
+                    "generation_error": generation.error,
+                    "context_trimmed": int(personalization.notes.get("context_trimmed", 0)),
                     "targets": [t.model_dump() for t in targets],
                     "ratings": [r.score for r in user_ratings],
-                    "failed_ratings": reward.failed_ratings,
-                    "reward": reward.value,
+                    "failed_ratings": reward.failed_ratings if reward is not None else 0,
+                    "reward": reward.value if reward is not None else None,
                 }
             )
     frame = pd.DataFrame(rows)
