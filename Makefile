@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm run test test-vllm test-gpu bench suite leaderboard clean
+.PHONY: setup setup-vllm run test test-vllm test-gpu bench bench-vllm suite leaderboard clean
 
 setup: $(VENV)/.installed
 
@@ -45,8 +45,12 @@ suite: setup
 leaderboard: setup
 	$(BIN)/apm leaderboard
 
-bench: setup
+# whole-run timings on the simulator, then apm-bench's overhead on real vLLM engines (ratios to raw vLLM)
+bench: setup bench-vllm
 	$(BIN)/python benchmarks/bench.py
+
+bench-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python benchmarks/vllm_throughput.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

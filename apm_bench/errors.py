@@ -33,3 +33,13 @@ class UnknownNameError(ApmError):
 
 class InformationBarrierError(ApmError):
     """A method asked for something it must never see (feedback or targets for a test user)."""
+
+
+class UninformativeFeedbackError(ApmError):
+    """The judge's ratings of the training users' candidates tell none of them apart (every rating
+    failed, or a constant judge): a method that learns from feedback has nothing to learn from, and
+    the run says so instead of reporting a meaningless Δ."""
+
+    def __init__(self, method: str, what: str) -> None:
+        super().__init__(f"{method}: {what}; the judge rated every candidate alike or not at all "
+                         "(check the judge model, its failed ratings, or --judge-temperature)")

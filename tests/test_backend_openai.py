@@ -30,7 +30,7 @@ from apm_bench.backends.base import AdapterRef, GenerationRequest, Message, Samp
 from apm_bench.backends.openai_compat import OpenAIBackend, RemoteCallError, unwire_seed, wire_seed
 from apm_bench.errors import ConfigError
 from apm_bench.judging.judge import RatingRequest
-from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig, judge_messages
+from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig, judge_messages, judge_seed
 from apm_bench.judging.sim_judge import SimJudge, SimJudgeConfig
 from apm_bench.sim.style import stable_seed
 from apm_bench.world.catalog import Catalog
@@ -178,8 +178,8 @@ def test_judge_over_http_equals_the_simulated_judge(sim_url: str, catalog: Catal
     backend = OpenAIBackend("sim-judge", base_url=sim_url)
 
     plain = LLMJudge(backend, catalog.principles).rate(ratings)
-    # LLMJudge asks with seed stable_seed("judge", rating seed, attempt); the served SimJudge rates with it
-    as_served = [RatingRequest(r.prompt, r.response, r.principle, seed=stable_seed("judge", r.seed, 0)) for r in ratings]
+    # LLMJudge asks with the rating's own seed (judge_seed); the served SimJudge rates with it
+    as_served = [RatingRequest(r.prompt, r.response, r.principle, seed=judge_seed(r, 0)) for r in ratings]
     expected = SimJudge(catalog.principles, JUDGE_CONFIG).rate(as_served)
     assert [r.score for r in plain] == [r.score for r in expected]
     assert all(r.score is not None for r in plain)

@@ -276,13 +276,13 @@ def test_backend_loads_no_engine_until_used_and_takes_cpu_defaults(monkeypatch: 
     monkeypatch.setattr(vb, "vllm_platform", lambda: "cpu")
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     backend = vb.VLLMBackend("tiny", max_model_len=256)
-    assert built == [] and backend.group_by_adapter
+    assert built == [] and backend.group_by_adapter and backend.isolate_soft_prompts
     backend._engine()
     assert built == [{"model": "tiny", "enable_prefix_caching": True, "max_model_len": 256,
                       "enable_chunked_prefill": False, "kv_cache_memory_bytes": 1 << 30, "enforce_eager": True}]
     mine = vb.VLLMBackend("tiny", kv_cache_memory_bytes=2 << 30, enable_chunked_prefill=True, group_by_adapter=False)
     assert mine._engine_kwargs["kv_cache_memory_bytes"] == 2 << 30 and mine._engine_kwargs["enable_chunked_prefill"]
-    assert not mine.group_by_adapter
+    assert not mine.group_by_adapter and mine.isolate_soft_prompts
 
 
 def test_engine_calls_split_by_soft_prompt_and_if_asked_by_adapter() -> None:
@@ -293,6 +293,10 @@ def test_engine_calls_split_by_soft_prompt_and_if_asked_by_adapter() -> None:
     batch = [request(), request("a"), request(), request("b", soft=True), request("a"), request(soft=True)]
     assert vb.engine_calls(batch, group_by_adapter=False) == [(False, [0, 1, 2, 4]), (True, [3, 5])]
     assert vb.engine_calls(batch, group_by_adapter=True) == [(False, [0, 2]), (False, [1, 4]), (True, [5]), (True, [3])]
+    # on the CPU build with LoRA on, an embedding prompt never shares a step with other requests
+    more = batch + [request(soft=True)]
+    assert vb.engine_calls(more, group_by_adapter=False, isolate_soft_prompts=True) == [
+        (False, [0, 1, 2, 4]), (True, [3]), (True, [5]), (True, [6])]
 
 
 def test_backend_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,3 +145,35 @@ def test_prior_instructs_the_label_with_the_best_mean_over_training_users(embedd
         assert made.messages[0].content == style_instruction(principle, best.side)
     assert prior.personalize(UserView("x", ()), "hi").messages == prior.personalize(UserView("y", ("long past",)), "hi").messages
     engines.close()
+
+
+class _ConstantFeedback:
+    """A judge that rates every candidate alike: nothing to tell best from worst."""
+
+    def __init__(self, feedback) -> None:  # type: ignore[no-untyped-def]
+        self._feedback = feedback
+        self.calls = 0
+
+    def candidates(self, user_id: str):  # type: ignore[no-untyped-def]
+        return self._feedback.candidates(user_id)
+
+    def scores(self, user_id: str) -> np.ndarray:
+        return np.full(len(self._feedback.candidates(user_id)), 5.0)
+
+
+@pytest.mark.parametrize("method", ["rag", "soft-prompt"])
+def test_a_judge_that_tells_no_candidates_apart_stops_the_method_with_a_clear_error(
+        method: str, embedder: HistoryEmbedder) -> None:
+    import dataclasses
+
+    from apm_bench.errors import ApmError, UninformativeFeedbackError
+    from apm_bench.methods import METHODS
+
+    engines, _, _, context = world_zero(embedder, n_train=20)
+    try:
+        constant = dataclasses.replace(context, feedback=_ConstantFeedback(context.feedback))
+        with pytest.raises(UninformativeFeedbackError, match=f"^{method}: .*rated every candidate alike") as caught:
+            METHODS.get(method)().fit(constant)
+        assert isinstance(caught.value, ApmError)  # the CLI prints it as one `error:` line
+    finally:
+        engines.close()

@@ -75,7 +75,7 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 #: options of ours that are not engine arguments: kwargs for the chat template (e.g. enable_thinking),
 #: and whether each adapter's requests go to the engine in a call of their own
-BACKEND_OPTIONS = ("chat_template_kwargs", "group_by_adapter")
+BACKEND_OPTIONS = ("chat_template_kwargs", "group_by_adapter", "isolate_soft_prompts")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,19 +540,27 @@ class CheckpointEmbeddings:
 # --------------------------------------------------------------------------------------------------
 
 
-def engine_calls(requests: Sequence[GenerationRequest], group_by_adapter: bool) -> list[tuple[bool, list[int]]]:
+def engine_calls(
+    requests: Sequence[GenerationRequest], group_by_adapter: bool, isolate_soft_prompts: bool = False
+) -> list[tuple[bool, list[int]]]:
     """How a batch is split into `LLM.generate` calls: (soft-prompt call?, request rows).
 
     Soft-prompt requests go as embedding prompts, the rest as token prompts. With
     `group_by_adapter`, each adapter's requests (and the plain ones) also get a call of their own,
-    so an answer never depends on which adapters shared its batch.
+    so an answer never depends on which adapters shared its batch. With `isolate_soft_prompts`,
+    each soft-prompt request is a call of its own: on the CPU build, an engine with LoRA on fails
+    ("einsum(): subscript b has size …") when one step mixes an embedding prompt's prefill with
+    other requests' decoding.
     """
     calls: dict[tuple[bool, str | None], list[int]] = {}
     for index, request in enumerate(requests):
         adapter = request.adapter.name if group_by_adapter and request.adapter is not None else None
         calls.setdefault((has_soft_prompt(request), adapter), []).append(index)
     order = sorted(calls, key=lambda key: (key[0], key[1] is not None, key[1] or ""))
-    return [(soft, calls[(soft, adapter)]) for soft, adapter in order]
+    split = [(soft, calls[(soft, adapter)]) for soft, adapter in order]
+    if isolate_soft_prompts:
+        split = [(soft, part) for soft, rows in split for part in ([[row] for row in rows] if soft else [rows])]
+    return split
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,6 +627,8 @@ class VLLMBackend(Backend):
             # mixed adapter batches come back wrong on the CPU build: a plain request batched with
             # a LoRA request is answered as if the adapter applied to it too
             self.group_by_adapter = self.platform == "cpu"
+        if "isolate_soft_prompts" not in options:
+            self.isolate_soft_prompts = self.platform == "cpu"
 
     @classmethod
     def with_engine(
@@ -643,6 +653,7 @@ class VLLMBackend(Backend):
         if not isinstance(chat_kwargs, Mapping):
             raise ConfigError(f"vllm option chat_template_kwargs must be a mapping, got {chat_kwargs!r}")
         self.group_by_adapter = _flag("group_by_adapter", options.pop("group_by_adapter", False))
+        self.isolate_soft_prompts = _flag("isolate_soft_prompts", options.pop("isolate_soft_prompts", False))
         return dict(chat_kwargs), engine_kwargs(options)
 
     def _attach(
@@ -817,7 +828,8 @@ class VLLMBackend(Backend):
         specs = lora_requests(requests, self._adapters)
         sampling = [self._sampling_params(r) for r in requests]
 
-        for soft, chosen in engine_calls([requests[i] for i in sent], self.group_by_adapter):
+        for soft, chosen in engine_calls([requests[i] for i in sent], self.group_by_adapter,
+                                         self.isolate_soft_prompts and bool(self._engine_kwargs.get("enable_lora"))):
             rows = [sent[j] for j in chosen]
             if not soft:
                 prompts = [{"prompt_token_ids": prompt_ids[i]} for i in rows]  # vllm.inputs.TokensPrompt

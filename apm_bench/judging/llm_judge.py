@@ -141,6 +141,13 @@ def expected_score(top_logprobs: Sequence[dict[str, float]], after_one: dict[str
     return sum(score * p for score, p in mass.items()) / total
 
 
+def judge_seed(rating: RatingRequest, attempt: int) -> int:
+    """A sampling seed of the rating's own: one seed for a whole world would give every rating the
+    same random draws, so a judge whose answer distribution barely depends on the response (a weak
+    or random model) would rate every response alike; the same rating still gets the same seed."""
+    return stable_seed("judge", rating.seed, rating.principle, rating.prompt, rating.response, attempt)
+
+
 class LLMJudge(Judge):
     def __init__(self, backend: Backend, principles: list[Principle], config: LLMJudgeConfig | None = None) -> None:
         self.backend = backend
@@ -163,7 +170,7 @@ class LLMJudge(Judge):
     def _request(self, rating: RatingRequest, attempt: int) -> GenerationRequest:
         return GenerationRequest(
             messages=judge_messages(self._principles[rating.principle], rating.prompt, rating.response),
-            seed=stable_seed("judge", rating.seed, attempt),
+            seed=judge_seed(rating, attempt),
             params=SamplingParams(
                 temperature=self.config.temperature,
                 max_tokens=self.config.max_tokens,

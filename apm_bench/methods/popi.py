@@ -24,7 +24,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import AdapterRef, Backend, GenerationRequest, Message, SamplingParams, chat
 from apm_bench.cache import cache_key
-from apm_bench.errors import ConfigError, PromptFileError
+from apm_bench.errors import ConfigError, PromptFileError, UninformativeFeedbackError
 from apm_bench.methods.base import (
     FitContext,
     FitUser,
@@ -143,7 +143,7 @@ class Popi(Personalizer):
             return
         pairs = self._best_and_worst(context)
         if not pairs:
-            raise RuntimeError("popi: no training user's sampled summaries could be told apart by the feedback")
+            raise UninformativeFeedbackError("popi", "no training user's sampled summaries could be told apart")
         if self._optimiser() == "dpo":
             name = "popi-" + cache_key(context.seed, context.generator.fingerprint(),
                                        [(p.request.messages[-1].content, p.chosen, p.rejected) for p in pairs],

@@ -17,6 +17,7 @@ from pydantic import Field
 from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import Message, chat
+from apm_bench.errors import UninformativeFeedbackError
 from apm_bench.methods.base import FitContext, MethodOptions, Personalization, Personalizer, UserView, register_method
 from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.methods.embedder import HistoryEmbedder
@@ -74,7 +75,7 @@ class Rag(Personalizer):
             best, worst = candidates[int(np.nanargmax(scores))], candidates[int(np.nanargmin(scores))]
             examples.append(_Example(user.id, user.prompt, best.text, worst.text, user.history))
         if not examples:
-            raise RuntimeError("rag: no training user has candidates that the feedback oracle tells apart")
+            raise UninformativeFeedbackError("rag", "no training user has candidates the feedback tells apart")
         self._examples = examples
         vectors = context.embedder.embed_histories([e.history for e in examples])
         self._index = NearestNeighbors(n_neighbors=min(self.options.k, len(examples)), metric="cosine").fit(vectors)

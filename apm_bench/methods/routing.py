@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from apm_bench.backends.base import chat
+from apm_bench.errors import UninformativeFeedbackError
 from apm_bench.judging.judge import SCORE_MIDPOINT
 from apm_bench.methods.base import (
     FitContext,
@@ -115,7 +116,7 @@ class Routing(Personalizer):
                 kept.append(user)
                 rows.append(target)
         if not kept:
-            raise RuntimeError("routing: no training user has a scorable candidate")
+            raise UninformativeFeedbackError("routing", "no training user has a scorable candidate")
         return kept, np.stack(rows)
 
     @staticmethod

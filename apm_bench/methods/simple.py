@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from apm_bench.backends.base import Message, chat
+from apm_bench.errors import UninformativeFeedbackError
 from apm_bench.methods.base import FitContext, Personalization, Personalizer, UserView, register_method
 from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.world.catalog import Principle
@@ -55,7 +56,7 @@ class Prior(Personalizer):
         scores = np.stack([context.feedback.scores(u.id) for u in context.train_users])
         counts = (~np.isnan(scores)).sum(axis=0)
         if not counts.any():
-            raise RuntimeError("prior: no training user has a scorable candidate")
+            raise UninformativeFeedbackError("prior", "no training user has a scorable candidate")
         means = np.where(counts > 0, np.nansum(scores, axis=0) / np.maximum(counts, 1), -np.inf)
         label = context.feedback.labels[int(np.argmax(means))]
         principles = {p.id: p for p in context.principles}

@@ -22,12 +22,13 @@ from pydantic import Field
 from torch import nn
 
 from apm_bench.backends.base import AdapterRef, GenerationRequest, SoftPrompt, chat
+from apm_bench.errors import UninformativeFeedbackError
 from apm_bench.methods.base import FitContext, MethodOptions, Personalization, Personalizer, UserView, register_method
 from apm_bench.methods.trained import (
     artifact_key,
     existing_artifacts,
     history_features,
-    ranked_candidates,
+    scored_candidates,
     trainer,
     training_request,
 )
@@ -155,13 +156,14 @@ class SoftPromptMethod(Personalizer):
         embedded = history_features(context, users)
         pairs, rows = [], []
         for index, user in enumerate(users):
-            ranked = ranked_candidates(context, user)
+            ranked = scored_candidates(context, user)
             for k in range(min(self.options.pairs_per_user, len(ranked) // 2)):
-                if ranked[k] != ranked[-1 - k]:
-                    pairs.append(PreferencePair(training_request(user.prompt), ranked[k], ranked[-1 - k]))
+                (better, high), (worse, low) = ranked[k], ranked[-1 - k]
+                if high > low and better != worse:  # a tie teaches nothing: the order would be arbitrary
+                    pairs.append(PreferencePair(training_request(user.prompt), better, worse))
                     rows.append(index)
         if not pairs:
-            raise RuntimeError("soft-prompt: no training user has two candidates the feedback tells apart")
+            raise UninformativeFeedbackError("soft-prompt", "no training user has two candidates the feedback tells apart")
         return pairs, embedded[rows]
 
     def _train(self, engine: Any, name: str, pairs: list[PreferencePair], features: np.ndarray, context: FitContext) -> None:

@@ -49,12 +49,17 @@ def training_request(prompt: str) -> GenerationRequest:
     return GenerationRequest(chat(prompt), seed=0, params=SamplingParams())
 
 
-def ranked_candidates(context: FitContext, user: FitUser) -> list[str]:
-    """The user's candidates from best to worst by their feedback (unscorable ones left out)."""
+def scored_candidates(context: FitContext, user: FitUser) -> list[tuple[str, float]]:
+    """The user's candidates and their feedback, best first (unscorable ones left out)."""
     scores = context.feedback.scores(user.id)
     texts = [c.text for c in context.feedback.candidates(user.id)]
     order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable") if not np.isnan(scores[i])]
-    return [texts[i] for i in order]
+    return [(texts[i], float(scores[i])) for i in order]
+
+
+def ranked_candidates(context: FitContext, user: FitUser) -> list[str]:
+    """The user's candidates from best to worst by their feedback (unscorable ones left out)."""
+    return [text for text, _ in scored_candidates(context, user)]
 
 
 def history_features(context: FitContext, users: Sequence[FitUser]) -> np.ndarray:

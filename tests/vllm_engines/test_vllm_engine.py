@@ -130,3 +130,28 @@ def test_structured_outputs_make_every_rating_of_a_random_judge_parseable(engine
             assert all(r.score is not None and 1 <= r.score <= 10 and r.score == int(r.score) for r in ratings)
     print(f"unparseable ratings of a random-weight judge: {shares[False]:.0%} free, {shares[True]:.0%} constrained")
     assert shares[True] == 0 and shares[False] > 0.5
+
+
+def test_a_prefilled_answer_continues_on_the_engine_as_hf_continues_it(engine: VLLMBackend, generator_dir: Path) -> None:
+    """The weighted judge reads P(10) from the distribution after a forced "1": the prefill must be
+    the start of the answer, not a new turn, on the engine as in transformers."""
+    hf = HFBackend(str(generator_dir), dtype="float32")
+    asked = [GenerationRequest(chat(f"Rate answer {i} from 1 to 10."), seed=i, prefill="1",
+                               params=SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=5))
+             for i in range(4)]
+    plain = [GenerationRequest(r.messages, seed=r.seed, params=r.params) for r in asked]
+    on_engine, in_hf = engine.generate(asked), hf.generate(asked)
+    for forced, unforced, reference in zip(on_engine, engine.generate(plain), in_hf):
+        assert forced.prompt_tokens == unforced.prompt_tokens + 1  # "1" is one token, after the template
+        assert forced.top_logprobs is not None and reference.top_logprobs is not None
+        got, want = forced.top_logprobs[0], reference.top_logprobs[0]
+        assert list(got)[:3] == list(want)[:3]
+        assert all(abs(got[t] - want[t]) < 1e-3 for t in list(want)[:3])
+    from apm_bench.judging.judge import RatingRequest
+    from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+    from apm_bench.world.catalog import load_catalog
+
+    principles = list(load_catalog().principles)
+    weighted = LLMJudge(engine, principles, LLMJudgeConfig(weighted=True, retries=0, max_tokens=2)).rate(
+        [RatingRequest("How do I boil rice?", f"Answer {i}.", principles[i].id, seed=i) for i in range(4)])
+    assert all(r.score is None or 1 <= r.score <= 10 for r in weighted)
