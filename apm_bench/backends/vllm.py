@@ -318,10 +318,20 @@ def template_kwargs(request: GenerationRequest, base: Mapping[str, Any]) -> dict
 def render_prompt_ids(tokenizer: Any, messages: Sequence[Message], chat_kwargs: Mapping[str, Any]) -> list[int]:
     """Chat template + tokenization, as `LLM.chat` does: render to text with the generation prompt,
     then encode without adding special tokens (the template already has them)."""
-    text = tokenizer.apply_chat_template(
-        conversation(messages), tokenize=False, add_generation_prompt=True, **dict(chat_kwargs)
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode_many(tokenizer, [render_prompt_text(tokenizer, messages, chat_kwargs)])[0]
+
+
+def render_prompt_text(tokenizer: Any, messages: Sequence[Message], chat_kwargs: Mapping[str, Any]) -> str:
+    return tokenizer.apply_chat_template(conversation(messages), tokenize=False, add_generation_prompt=True,
+                                         **dict(chat_kwargs))
+
+
+def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts in one call where the tokenizer takes a batch (a fast tokenizer
+    encodes it in parallel, without a Python round trip per text), else one by one."""
+    if callable(tokenizer):
+        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
 
 #: where a model's config states how many positions it attends to, by architecture family
@@ -740,13 +750,18 @@ class VLLMBackend(Backend):
             self._window = int(configured) if isinstance(configured, int) else config_context_window(self.model)
         return self._window
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def _prompt_ids(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Each request's prompt ids: its rendered chat, then its prefill (encoded on its own, as the
+        start of the answer), tokenized in one batch."""
         tokenizer = self._get_tokenizer()
-        ids = render_prompt_ids(tokenizer, request.messages, template_kwargs(request, self._chat_kwargs))
-        return ids + (list(tokenizer.encode(request.prefill, add_special_tokens=False)) if request.prefill else [])
+        texts = [render_prompt_text(tokenizer, r.messages, template_kwargs(r, self._chat_kwargs)) for r in requests]
+        prefills = [r.prefill for r in requests if r.prefill]
+        encoded = encode_many(tokenizer, texts + prefills)
+        ids, prefill_ids = encoded[: len(texts)], iter(encoded[len(texts):])
+        return [chat + (next(prefill_ids) if r.prefill else []) for chat, r in zip(ids, requests)]
 
     def prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._prompt_ids(request)) + soft_prompt_width(request)
+        return len(self._prompt_ids([request])[0]) + soft_prompt_width(request)
 
     def _get_embeddings(self) -> Callable[[Sequence[int]], Any]:
         if self._embeddings is None:
@@ -819,7 +834,7 @@ class VLLMBackend(Backend):
         if not requests:
             return []
         self._check(requests)
-        prompt_ids = [self._prompt_ids(r) for r in requests]
+        prompt_ids = self._prompt_ids(requests)
         fitted = within_context(requests, [len(ids) + soft_prompt_width(r) for ids, r in zip(prompt_ids, requests)],
                                 self.context_window())
         results: list[Generation | None] = [f if isinstance(f, Generation) else None for f in fitted]
