@@ -73,6 +73,7 @@ def run(
     pool: Optional[int] = typer.Option(None, help="pool size k: principles and attributes used (2..10)"),
     mapping: Optional[str] = typer.Option(None, help="world matrix kind: permutation or dense"),
     n_perm: Optional[int] = typer.Option(None, "--n-perm", help="overlaid signed permutations in C"),
+    max_targets: Optional[int] = typer.Option(None, "--max-targets", help="score only the k principles with the largest |r| (the paper: k = n_attr)"),
     history_len: Optional[int] = typer.Option(None, "--history-len", help="past messages per user (default 4)"),
     label_strategy: Optional[list[str]] = typer.Option(None, "--label-strategy", help="routing labels: abs, abs_two_sided, margin, regression or all"),
     control: Optional[str] = typer.Option(None, help="no-history or shuffled-history"),
@@ -83,6 +84,7 @@ def run(
     personas: Optional[Path] = typer.Option(None, "--personas", help="folder with attributes.yaml and seeds.yaml"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="neutral prompt file (JSONL or Parquet)"),
     conversations: Optional[Path] = typer.Option(None, "--conversations", help="users in the APM reference JSONL format"),
+    test_conversations: Optional[Path] = typer.Option(None, "--test-conversations", help="the authors' test file: every world's test users"),
     summaries: Optional[Path] = typer.Option(None, "--summaries", help="popi: reuse summaries from a run's samples.parquet (or JSONL)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options (CLI options win)"),
     out: Optional[Path] = typer.Option(None, help="where run folders go (default results/runs)"),
@@ -115,6 +117,7 @@ def run(
         "pool": pool,
         "mapping": mapping,
         "n_perm": n_perm,
+        "max_targets": max_targets,
         "history_len": history_len,
         "label_strategy": _split(label_strategy),
         "control": control,
@@ -125,6 +128,7 @@ def run(
         "personas_dir": personas,
         "prompts_file": prompts,
         "conversations_file": conversations,
+        "test_conversations_file": test_conversations,
         "out": out,
     }
     run_config = load_config(config, overrides)

@@ -94,6 +94,8 @@ class RunConfig(BaseModel):
     personas_dir: Path | None = None
     prompts_file: Path | None = None
     conversations_file: Path | None = Field(default=None, description="users in the APM reference JSONL format")
+    test_conversations_file: Path | None = Field(
+        default=None, description="the authors' separate test file: its users are every world's test users")
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     bootstrap_resamples: int = Field(default=2000, ge=100)
     bootstrap_seed: int = 0
@@ -134,6 +136,12 @@ class RunConfig(BaseModel):
             setattr(self, f"{prefix}_backend", generator["backend"] if same else None)
             if prefix in ("judge", "writer"):
                 setattr(self, f"{prefix}_url", generator["url"] if same else None)
+        return self
+
+    @model_validator(mode="after")
+    def _test_file_needs_a_train_file(self) -> "RunConfig":
+        if self.test_conversations_file is not None and self.conversations_file is None:
+            raise ValueError("test_conversations_file needs conversations_file (the training users)")
         return self
 
     @model_validator(mode="after")

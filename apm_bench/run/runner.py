@@ -106,7 +106,8 @@ def load_pool_catalog(config: RunConfig) -> Catalog:
 
 def load_population(config: RunConfig, catalog: Catalog, writer: HistoryWriter | None = None) -> Population:
     if config.conversations_file is not None:
-        return import_reference_conversations(config.conversations_file, catalog, config.history_len)
+        return import_reference_conversations(config.conversations_file, catalog, config.history_len,
+                                              config.test_conversations_file)
     prompts = load_prompts(config.prompts_file)
     return build_population(
         catalog, prompts, writer or SimHistoryWriter(catalog, config.writer), config.users, config.n_attr,

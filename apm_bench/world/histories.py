@@ -35,6 +35,9 @@ class Population(BaseModel):
 
     source: str
     users: list[PopulationUser]
+    #: users the data itself holds out for testing (the authors' separate test file); None: every
+    #: world draws its test users from the whole population
+    test_ids: list[str] | None = None
 
 
 class HistoryWriter(Protocol):
@@ -118,17 +121,31 @@ def _first_user_message(conversation: _ReferenceConversation) -> str:
     raise ValueError("a conversation has no user message")
 
 
-def import_reference_conversations(path: Path, catalog: Catalog, history_len: int | None = None) -> Population:
+def import_reference_conversations(
+    path: Path, catalog: Catalog, history_len: int | None = None, test_path: Path | None = None
+) -> Population:
     """Read the APM authors' conversation format (one user per JSONL line).
 
-    History = first user message of every conversation but the last (capped at history_len);
-    evaluation prompt = first user message of the last conversation.
+    History = first user message of every conversation but the last (the first history_len of
+    them, as the authors take them); evaluation prompt = first user message of the last
+    conversation. With `test_path` (the authors' test file) its users are the test users of every
+    world and `path` holds the training and validation users: their `user_idx` both start at 0,
+    so test users get ids of their own ("test-ref00012") and can never meet a training user's id.
     """
-    path = Path(path)
+    users = _reference_users(Path(path), catalog, history_len, "ref")
+    if test_path is None:
+        return Population(source=f"reference({Path(path).name})", users=users)
+    test_users = _reference_users(Path(test_path), catalog, history_len, "test-ref")
+    return Population(source=f"reference({Path(path).name} + test {Path(test_path).name})", users=users + test_users,
+                      test_ids=[u.id for u in test_users])
+
+
+def _reference_users(path: Path, catalog: Catalog, history_len: int | None, prefix: str) -> list[PopulationUser]:
     if not path.is_file():
         raise PromptFileError(f"conversation file not found: {path}")
     known = set(catalog.attribute_ids)
-    users = []
+    users: list[PopulationUser] = []
+    seen: dict[int, int] = {}
     for number, row in read_jsonl_objects(path):
         try:
             record = _ReferenceUser.model_validate(row)
@@ -136,6 +153,11 @@ def import_reference_conversations(path: Path, catalog: Catalog, history_len: in
             prompt = _first_user_message(record.conversations[-1])
         except (ValidationError, ValueError, IndexError) as exc:
             raise PromptFileError(f"{path}: line {number} is not a reference-format user ({_short(exc)})") from None
+        if record.user_idx in seen:
+            raise PromptFileError(f"{path}: line {number} repeats user_idx {record.user_idx} of line "
+                                  f"{seen[record.user_idx]}; every user must appear once (for the authors' train "
+                                  "and test files, pass the test file as --test-conversations)")
+        seen[record.user_idx] = number
         settings = [
             AttributeSetting(attribute=attribute_id_from_name(s.attribute), side=s.side)
             for s in record.rewrite_style_attributes
@@ -145,16 +167,16 @@ def import_reference_conversations(path: Path, catalog: Catalog, history_len: in
             raise PromptFileError(f"{path}: line {number} uses attributes not in the catalog: {unknown}")
         users.append(
             PopulationUser(
-                id=f"ref{record.user_idx:05d}",
+                id=f"{prefix}{record.user_idx:05d}",
                 attributes=settings,
                 history=history[:history_len] if history_len is not None else history,
                 prompt=prompt,
-                prompt_id=f"ref{record.user_idx:05d}-last",
+                prompt_id=f"{prefix}{record.user_idx:05d}-last",
             )
         )
     if not users:
         raise PromptFileError(f"{path} holds no users")
-    return Population(source=f"reference({path.name})", users=users)
+    return users
 
 
 def _short(exc: Exception) -> str:
