@@ -38,6 +38,8 @@ class Population(BaseModel):
     #: users the data itself holds out for testing (the authors' separate test file); None: every
     #: world draws its test users from the whole population
     test_ids: list[str] | None = None
+    #: users left out because the history writer failed on one of their messages
+    discarded_users: int = 0
 
 
 class HistoryWriter(Protocol):
@@ -49,7 +51,9 @@ class HistoryWriter(Protocol):
         attributes: list[AttributeSetting],
         persona: PersonaSeed | None,
         rng: np.random.Generator,
-    ) -> list[str]: ...
+    ) -> list[str] | None:
+        """The rewrites in order, or None when any failed: that user is discarded, and counted."""
+        ...
 
 
 def build_population(
@@ -61,23 +65,35 @@ def build_population(
     history_len: int,
     seed: int,
     balanced: bool = True,
+    test_prompts: list[NeutralPrompt] | None = None,
+    test_users: int = 0,
 ) -> Population:
     """Each user gets history_len + 1 distinct neutral prompts; the last becomes the evaluation prompt.
 
     `balanced` draws the attribute settings of the whole population by design (see
-    `draw_balanced_attribute_settings`); otherwise each user draws them independently.
+    `draw_balanced_attribute_settings`); otherwise each user draws them independently. With
+    `test_prompts`, the last `test_users` users are every world's test users and draw their
+    conversations from those prompts only, a pool disjoint from everyone else's (as the authors'
+    test users come from UltraChat's test split): no retrieved example can carry a test prompt.
     """
     conversations = history_len + 1
-    if conversations > len(prompts):
-        raise ConfigError(f"history_len {history_len} needs {conversations} prompts, the prompt set has {len(prompts)}")
+    for pool in (prompts, test_prompts or prompts):
+        if conversations > len(pool):
+            raise ConfigError(f"history_len {history_len} needs {conversations} prompts, the prompt set has {len(pool)}")
+    first_test = n_users - test_users if test_prompts is not None else n_users
     rng = np.random.default_rng([seed, 0xA77])
     designed = draw_balanced_attribute_settings(catalog.attribute_ids, n_attr, n_users, rng) if balanced else None
     users = []
+    discarded = 0
     for index in range(n_users):
         settings = designed[index] if designed else draw_attribute_settings(catalog.attribute_ids, n_attr, rng)
         persona = catalog.seeds[int(rng.integers(len(catalog.seeds)))] if catalog.seeds else None
-        chosen = [prompts[i] for i in rng.choice(len(prompts), size=conversations, replace=False)]
+        pool = test_prompts if test_prompts is not None and index >= first_test else prompts
+        chosen = [pool[i] for i in rng.choice(len(pool), size=conversations, replace=False)]
         messages = writer.rewrite([p.text for p in chosen], settings, persona, rng)
+        if messages is None:
+            discarded += 1
+            continue
         users.append(
             PopulationUser(
                 id=f"u{index:05d}",
@@ -88,7 +104,11 @@ def build_population(
                 prompt_id=chosen[-1].id,
             )
         )
-    return Population(source=f"simulated(seed={seed}{'' if balanced else ', iid attributes'})", users=users)
+    if not users:
+        raise ConfigError(f"the history writer failed for all {n_users} users; no population to evaluate")
+    test_ids = [u.id for u in users if int(u.id[1:]) >= first_test] if test_prompts is not None else None
+    return Population(source=f"simulated(seed={seed}{'' if balanced else ', iid attributes'})", users=users,
+                      discarded_users=discarded, test_ids=test_ids)
 
 
 # --------------------------------------------------------------------------- reference format
