@@ -37,6 +37,7 @@ from apm_bench.judging.llm_judge import parse_judge_messages
 from apm_bench.judging.sim_judge import POINTS_PER_LEVEL, SimJudge, SimJudgeConfig
 from apm_bench.sim.style import StyleCodec
 from apm_bench.world.catalog import Catalog, Principle
+from apm_bench.world.prompting import bare_name
 
 JUDGE_MODEL = "sim-judge"
 #: what the simulated judge says when SimJudge's failure_rate strikes: a non-score, so it counts as unparseable
@@ -74,9 +75,14 @@ class SimJudgeScorer:
         self.judge = SimJudge(principles, self.config.model_copy(update={"weighted": False}))
         self.codec = StyleCodec(principles)
         self.index = {p.id: i for i, p in enumerate(principles)}
+        self._ids_by_name = {bare_name(p): p.id for p in principles}
 
     def knows(self, principle: str) -> bool:
         return principle in self.index
+
+    def principle_id(self, id_or_name: str) -> str:
+        """The rubric prompt names a principle by id, the authors' prompt by its bare name."""
+        return self._ids_by_name.get(id_or_name, id_or_name)
 
     def mean_score(self, request: RatingRequest) -> float:
         feature = float(self.codec.measure(request.response)[self.index[request.principle]])
@@ -244,8 +250,10 @@ def create_app(catalog: Catalog, judge_config: SimJudgeConfig | None = None) -> 
         params = _sampling(body)
         parsed = parse_judge_messages(messages)
         if parsed is None:
-            raise _BadRequest("not a judge prompt: expected <principle>, <user_message> and <response> blocks", "messages")
+            raise _BadRequest("not a judge prompt: expected <principle>, <user_message> and <response> blocks "
+                              "(or the authors' <conversation>, <ai_response_to_evaluate> and <attribute>)", "messages")
         principle, prompt, response = parsed
+        principle = scorer.principle_id(principle)
         if not scorer.knows(principle):
             raise _BadRequest(f"unknown principle {principle!r}", "messages")
         rating_request = RatingRequest(prompt, response, principle, seed=unwire_seed(body.seed or 0))

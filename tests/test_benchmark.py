@@ -282,3 +282,20 @@ def test_history_carries_the_signal_but_stereotypes_earn_nothing(embedder: Histo
     guess = _pooled(stereotyped, "test-phrase-reader")
     assert guess.ci_low < 0 < guess.ci_high
     assert abs(guess.delta) < 0.25 * informed.delta
+
+
+def test_a_shared_baseline_is_generated_and_judged_once_for_every_world(embedder: HistoryEmbedder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = RunConfig(methods=["routing"], users=60, worlds=[0, 1, 2], history_len=2, split_per_world=False,
+                       shared_baseline=True, cache=tmp_path / "calls.sqlite", out=tmp_path / "runs")
+    result = run_benchmark(config, embedder=embedder)
+    baseline = result.samples[result.samples["method"] == "baseline"]
+    per_world = {w: rows.set_index("user_id")["response"].to_dict() for w, rows in baseline.groupby("world")}
+    assert per_world[0] == per_world[1] == per_world[2]  # one response per test user, whatever the world
+    generations = result.costs["phase:generation"]
+    test_users = len(per_world[0])
+    # the baseline's generations are computed once, not once per world
+    assert generations["generation_cache_misses"] <= generations["requests"] - 2 * test_users
+    separate = run_benchmark(config.model_copy(update={"shared_baseline": False, "cache": tmp_path / "other.sqlite"}),
+                             embedder=embedder)
+    responses = separate.samples[separate.samples["method"] == "baseline"].groupby("world")["response"].apply(list)
+    assert responses[0] != responses[1]  # by default each world draws its own baseline

@@ -568,3 +568,39 @@ def test_two_attributes_distinct(catalog: Catalog) -> None:
 def test_n_attr_out_of_range(catalog: Catalog, n_attr: int) -> None:
     with pytest.raises(ConfigError):
         draw_attribute_settings(catalog.attribute_ids, n_attr, np.random.default_rng(0))
+
+
+def _reference_record(user_idx: int, attribute: str, side: str, conversations: int = 3) -> dict:
+    """A user in the authors' format (made up here, not taken from their data)."""
+    return {"user_idx": user_idx, "rewrite_style_attributes": [{"attribute": attribute, "side": side}],
+            "conversations": [{"conversation_id": f"c{user_idx}-{j}", "messages": [
+                {"role": "user", "content": f"request {j} of user {user_idx} ({attribute}, {side})"},
+                {"role": "assistant", "content": "an answer"}]} for j in range(conversations)]}
+
+
+def _write_reference(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_the_authors_train_and_test_files_keep_their_split(catalog: Catalog, tmp_path: Path) -> None:
+    from apm_bench.world.world import build_world
+
+    attributes = [a.replace("_", " ") for a in catalog.attribute_ids]
+    train = _write_reference(tmp_path / "train.jsonl", [_reference_record(i, attributes[i % 10], ("follow", "avoid")[i % 2])
+                                                          for i in range(40)])
+    test = _write_reference(tmp_path / "test.jsonl", [_reference_record(i, attributes[(i + 3) % 10], "avoid")
+                                                        for i in range(10)])  # user_idx restarts at 0, as theirs do
+    population = import_reference_conversations(train, catalog, history_len=2, test_path=test)
+    assert len({u.id for u in population.users}) == 50  # no id shared between the files
+    assert population.test_ids == [f"test-ref{i:05d}" for i in range(10)]
+    for seed in (0, 1):
+        world = build_world(population, catalog, seed, validation_fraction=0.1, split_seed=seed)
+        assert set(world.split.test) == {u for u in population.test_ids if u in world.targets}
+        assert not set(world.split.train + world.split.validation) & set(population.test_ids)
+        assert len(world.split.validation) == 4  # a tenth of the training file
+    with pytest.raises(PromptFileError, match="line 3 repeats user_idx 0 of line 1"):
+        import_reference_conversations(
+            _write_reference(tmp_path / "both.jsonl", [_reference_record(0, "verbose", "follow"),
+                                                       _reference_record(1, "verbose", "avoid"),
+                                                       _reference_record(0, "anxious", "follow")]), catalog)

@@ -369,3 +369,21 @@ def test_second_identical_run_adds_a_folder_and_keeps_the_first(two_runs: dict) 
     assert RUN_FILES <= {p.name for p in new_folder.iterdir()}
     assert snapshot(first_folder) == two_runs["first_snapshot"], "the second run changed the first run's folder"
     assert not [p for p in two_runs["out"].iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_max_targets_keeps_the_largest_entries_of_a_dense_mapping(tmp_path: Path) -> None:
+    """The paper scores a dense world on the top n_attr principles by |r|, not on all of them."""
+    import pandas as pd
+
+    proc = apm("run", *SMALL_RUN, "--mapping", "dense", "--n-attr", "2", "--max-targets", "2", "--method", "routing",
+               "--out", tmp_path / "runs", "--cache", tmp_path / "calls.sqlite", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    samples = pd.read_parquet(next((tmp_path / "runs").glob("*/samples.parquet")))
+    assert samples["targets"].map(len).max() == 2
+    assert json.loads(next((tmp_path / "runs").glob("*/config.json")).read_text())["max_targets"] == 2
+
+
+def test_a_test_conversation_file_needs_a_training_file(tmp_path: Path) -> None:
+    proc = apm("run", "--test-conversations", tmp_path / "test.jsonl", "--out", tmp_path / "runs", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "conversations_file" in proc.stderr
+    assert not (tmp_path / "runs").exists()

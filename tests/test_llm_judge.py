@@ -120,12 +120,11 @@ def test_weighted_judge_reads_the_distribution(catalog: Catalog) -> None:
 
 
 def test_llm_history_writer_asks_for_attributes_never_for_answer_style(catalog: Catalog) -> None:
-    backend = ScriptedBackend([Generation("rewritten one"), Generation(""), Generation("rewritten one")])
+    backend = ScriptedBackend([Generation("rewritten one"), Generation("rewritten two"), Generation("rewritten one")])
     writer = LLMHistoryWriter(backend, catalog)
     settings = [AttributeSetting(attribute="anxious", side="follow"), AttributeSetting(attribute="verbose", side="avoid")]
     texts = writer.rewrite(["How do I boil an egg?", "What is a prime number?"], settings, None, np.random.default_rng(3))
-    assert texts == ["rewritten one", "What is a prime number?"]  # an empty rewrite keeps the neutral request
-    assert writer.empty_rewrites == 1
+    assert texts == ["rewritten one", "rewritten two"] and writer.failed_rewrites == 0
     prompt = backend.requests[0].messages[-1].content
     assert "VERY anxious" in prompt and "NOT AT ALL verbose" in prompt and "How do I boil an egg?" in prompt
     assert "Never add anything about how the answer should be written" in backend.requests[0].messages[0].content

@@ -190,3 +190,22 @@ def test_iid_attributes_reproduce_the_unbalanced_draw(catalog: Catalog) -> None:
 
     assert lean(False).most_common(1) == [("unpolished", 23)]
     assert max(map(abs, lean(True).values())) <= 1
+
+
+def test_overlaid_permutations_are_not_only_cyclic_shifts_of_one() -> None:
+    """Two disjoint permutations p, q make rows and columns into cycles whose lengths are those of
+    p⁻¹q. Shifts of one permutation give p⁻¹q a shift, so every cycle has one length; rejection
+    sampling, as the authors draw them, gives any derangement, so lengths differ in some worlds."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    def component_sizes(matrix: np.ndarray) -> list[int]:
+        size = len(matrix)
+        graph = np.zeros((2 * size, 2 * size))
+        graph[:size, size:] = matrix != 0
+        _, labels = connected_components(csr_matrix(graph), directed=False)
+        return sorted(np.bincount(labels).tolist())
+
+    uneven = sum(len(set(component_sizes(overlaid_permutations(10, 2, np.random.default_rng(seed))))) > 1
+                 for seed in range(50))
+    assert uneven >= 20  # a random derangement of 10 has cycles of one length only rarely

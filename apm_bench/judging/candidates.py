@@ -13,7 +13,7 @@ from apm_bench.backends.base import Backend, GenerationRequest, SamplingParams, 
 from apm_bench.judging.judge import Judge, Rating, RatingRequest
 from apm_bench.sim.style import stable_seed
 from apm_bench.world.catalog import Catalog, Side
-from apm_bench.world.prompting import style_instruction
+from apm_bench.world.prompting import InstructionTexts, style_instruction
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,13 @@ class Candidate:
 class CandidateBank:
     """Generates candidates on demand and memoises their ratings per principle."""
 
-    def __init__(self, writer: Backend, judge: Judge, catalog: Catalog, seed: int = 0, max_tokens: int = 1024) -> None:
+    def __init__(self, writer: Backend, judge: Judge, catalog: Catalog, seed: int = 0, max_tokens: int = 1024,
+                 texts: InstructionTexts = "apm-bench") -> None:
         self.writer = writer
         self.params = SamplingParams(max_tokens=max_tokens)
         self.judge = judge
         self.catalog = catalog
+        self.texts = texts
         self.labels = style_labels(catalog)
         self.seed = seed
         self._candidates: dict[str, list[Candidate]] = {}
@@ -61,7 +63,7 @@ class CandidateBank:
         missing = [uid for uid in prompts if uid not in self._candidates]
         requests = [
             GenerationRequest(
-                messages=chat(prompts[uid], system=style_instruction(self.catalog.principle(label.principle), label.side)),
+                messages=chat(prompts[uid], system=style_instruction(self.catalog.principle(label.principle), label.side, self.texts)),
                 seed=stable_seed("candidate", self.seed, uid, label.name),
                 params=self.params,
             )

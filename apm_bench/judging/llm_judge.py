@@ -1,5 +1,6 @@
-"""The LLM judge: a rubric prompt per (response, principle) on any backend, a strict 1–10 parse,
-retries for unparseable answers, and probability-weighted scores where the backend gives logprobs.
+"""The LLM judge: a prompt per (response, principle) on any backend (`judge_prompts`), a strict 1–10
+parse or the APM authors' lenient 1–100 one, retries for unparseable answers, a forced answer when
+reasoning runs out, and probability-weighted scores where the backend gives logprobs.
 
 Every judge prompt starts with the same system message and then the principle's rubric, so an
 engine with prefix caching reuses the shared part across the thousands of ratings of a run.
@@ -13,28 +14,30 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from apm_bench.backends.base import Backend, Generation, GenerationRequest, Message, SamplingParams
+from apm_bench.backends.reasoning import split_reasoning
 from apm_bench.cache import cache_key
 from apm_bench.judging.judge import SCORE_MAX, SCORE_MIN, Judge, Rating, RatingRequest
+from apm_bench.judging.judge_prompts import (  # noqa: F401 - judge_messages and parse_judge_messages are this module's API too
+    JUDGE_SYSTEM,
+    JudgePrompt,
+    judge_messages,
+    parse_judge_messages,
+)
 from apm_bench.sim.style import stable_seed
 from apm_bench.world.catalog import Principle
 
-JUDGE_SYSTEM = (
-    "You are an impartial expert evaluator of writing style. You rate ONLY how strongly an AI "
-    "response exhibits one given principle, ignoring its correctness, helpfulness and every other "
-    f"quality. Use a scale from {SCORE_MIN} (clearly exhibits the opposite of the principle) to "
-    f"{SCORE_MAX} (a perfect example of the principle). Answer with the number only."
-)
-_PRINCIPLE = re.compile(r"<principle name=\"(?P<name>[^\"]+)\">")
-_RESPONSE = re.compile(r"<response>\n(?P<response>.*)\n</response>", re.DOTALL)
-_PROMPT = re.compile(r"<user_message>\n(?P<prompt>.*?)\n</user_message>", re.DOTALL)
 #: the valid answers, for engines that decode under a structured-output constraint
 SCORE_CHOICES = tuple(str(score) for score in range(SCORE_MIN, SCORE_MAX + 1))
-#: the answer budget of a forced answer: the number and little else
+#: the answer budget of a forced answer: the number and little else (the authors sample 4 tokens)
 FORCED_ANSWER_TOKENS = 8
+PAPER_FORCED_ANSWER_TOKENS = 4
+#: what closes the reasoning before a continued forced answer, as the authors append it
+FORCED_ANSWER_SUFFIX = "</think>\n\nRating: "
 _SCORE = re.compile(r"^\D*?\b(10|[1-9])\b\D*$")
+_LENIENT_SCORE = re.compile(r"\b(100|[1-9]\d?)\b")
 
 
 class LLMJudgeConfig(BaseModel):
@@ -51,49 +54,35 @@ class LLMJudgeConfig(BaseModel):
         description="decode the answer as one of the scores where the engine supports structured outputs "
         "(not for reasoning judges, which must think first)",
     )
+    prompt: JudgePrompt = Field(default="rubric", description="'rubric' (apm-bench's) or 'paper' (the authors')")
+    scale: Literal[10, 100] = Field(default=10, description="100: rate 1–100 and divide by 10, as the authors do")
+    parse: Literal["strict", "lenient"] = Field(
+        default="strict", description="strict: the last line is one score; lenient: the last number in range")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    forced_answer: Literal["follow-up", "continue"] = Field(
+        default="follow-up",
+        description="when reasoning runs out: ask again in a new turn, or continue the answer after "
+        "'</think>\\n\\nRating: ' for a few tokens, as the authors do")
+
+    @model_validator(mode="after")
+    def _weighted_needs_ten_points(self) -> "LLMJudgeConfig":
+        if self.weighted and self.scale != 10:
+            raise ValueError("a weighted judge reads the scores 1..10 from one token; use scale 10")
+        return self
 
 
-def judge_messages(principle: Principle, prompt: str, response: str) -> tuple[Message, ...]:
-    user = (
-        f"<principle name=\"{principle.id}\">\n{principle.name}: {principle.description}\n"
-        f"Rubric:\n{principle.rubric.strip()}\n</principle>\n\n"
-        f"<user_message>\n{prompt}\n</user_message>\n\n<response>\n{response}\n</response>\n\n"
-        f"How strongly does the response exhibit the principle? Your rating ({SCORE_MIN}-{SCORE_MAX}):"
-    )
-    return (Message("system", JUDGE_SYSTEM), Message("user", user))
-
-
-def parse_judge_messages(messages: Sequence[Message]) -> tuple[str, str, str] | None:
-    """(principle id, user prompt, response) from a judge prompt; how a simulated judge reads it."""
-    text = "\n".join(m.content for m in messages if m.role == "user")
-    principle, prompt, response = _PRINCIPLE.search(text), _PROMPT.search(text), _RESPONSE.search(text)
-    if not (principle and prompt and response):
-        return None
-    return principle.group("name"), prompt.group("prompt"), response.group("response")
-
-
-#: where a reasoning model's answer starts: gpt-oss through offline vLLM ("analysis…assistantfinal7"),
-#: Qwen- and DeepSeek-style models ("<think>…</think>7")
-_ANSWER_MARKERS = ("assistantfinal", "</think>")
-_REASONING_OPENERS = ("<think>", "analysis")
-
-
-def split_reasoning(text: str) -> tuple[str, bool]:
-    """(the answer after any reasoning, whether the text stopped inside unfinished reasoning)."""
-    for marker in _ANSWER_MARKERS:
-        if marker in text:
-            return text.rsplit(marker, 1)[1], False
-    stripped = text.lstrip()
-    return text, stripped.startswith(_REASONING_OPENERS)
-
-
-def forced_answer_messages(messages: Sequence[Message], reasoning: str) -> tuple[Message, ...]:
-    """When the answer budget ran out inside the reasoning: close it and ask for the rating alone,
-    as the APM authors do (they append the end of reasoning and "Rating:" to the raw prompt; a chat
-    backend gets the same as a closed assistant turn and a one-line request)."""
+def forced_answer_messages(messages: Sequence[Message], reasoning: str, scale: int = SCORE_MAX) -> tuple[Message, ...]:
+    """When the answer budget ran out inside the reasoning: close it and ask for the rating alone
+    in a new turn (`forced_answer: continue` continues the answer instead, as the authors do)."""
     closed = reasoning.rstrip() + ("\n</think>" if "<think>" in reasoning else "")
     return (*messages, Message("assistant", closed),
-            Message("user", f"Stop reasoning. Rating ({SCORE_MIN}-{SCORE_MAX}), the number only:"))
+            Message("user", f"Stop reasoning. Rating ({SCORE_MIN}-{scale}), the number only:"))
+
+
+def forced_answer_prefill(reasoning: str) -> str:
+    """The authors' forced answer: the reasoning so far, closed, then "Rating: ", continued as the
+    same answer (not a new turn)."""
+    return reasoning + FORCED_ANSWER_SUFFIX
 
 
 def parse_score(text: str) -> int | None:
@@ -105,6 +94,25 @@ def parse_score(text: str) -> int | None:
         return None
     match = _SCORE.match(lines[-1].strip())
     return int(match.group(1)) if match else None
+
+
+def parse_hundred(text: str) -> int | None:
+    """Strict on the 1–100 scale: the answer's last line is one number and nothing else."""
+    answer, _ = split_reasoning(text)
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    return int(lines[-1]) if lines and re.fullmatch(r"(100|[1-9]\d?)", lines[-1]) else None
+
+
+def parse_lenient_score(text: str) -> int | None:
+    """The authors' parse: the last number from 1 to 100 in the answer. Unlike theirs it never reads
+    a number out of reasoning that was cut off (that answer is forced instead), and reads only the
+    answer after finished reasoning, where the authors read the whole text: the answer comes last,
+    so the two agree whenever the answer holds a number."""
+    answer, unfinished = split_reasoning(text)
+    if unfinished:
+        return None
+    numbers = _LENIENT_SCORE.findall(answer)
+    return int(numbers[-1]) if numbers else None
 
 
 def _probabilities(position: dict[str, float]) -> dict[str, float]:
@@ -154,7 +162,8 @@ class LLMJudge(Judge):
         self.config = config or LLMJudgeConfig()
         self._principles = {p.id: p for p in principles}
         self.name = f"llm-judge:{backend.model}" + (":weighted" if self.config.weighted else "")
-        self.choices = SCORE_CHOICES if self._constrains(backend) else None
+        self.scores = tuple(str(score) for score in range(1, self.config.scale + 1))
+        self.choices = self.scores if self._constrains(backend) else None
         #: ratings whose reasoning ran out of budget and were asked once more for the number alone
         self.forced_answers = 0
         if self.config.weighted and not backend.capabilities.logprobs:
@@ -169,10 +178,12 @@ class LLMJudge(Judge):
 
     def _request(self, rating: RatingRequest, attempt: int) -> GenerationRequest:
         return GenerationRequest(
-            messages=judge_messages(self._principles[rating.principle], rating.prompt, rating.response),
+            messages=judge_messages(self._principles[rating.principle], rating.prompt, rating.response,
+                                    self.config.prompt, thinking=self.config.reasoning_effort is not None),
             seed=judge_seed(rating, attempt),
             params=SamplingParams(
                 temperature=self.config.temperature,
+                top_p=self.config.top_p,
                 max_tokens=self.config.max_tokens,
                 logprobs=self.config.weighted,
                 top_logprobs=self.config.top_logprobs if self.config.weighted else 0,
@@ -194,17 +205,22 @@ class LLMJudge(Judge):
                if scores[index] is None and split_reasoning(generation.text)[1]]
         if not cut:
             return
-        follow_ups = [
-            dataclasses.replace(request, messages=forced_answer_messages(request.messages, generation.text),
-                                params=dataclasses.replace(request.params, max_tokens=FORCED_ANSWER_TOKENS,
-                                                           reasoning_effort=None, choices=SCORE_CHOICES
-                                                           if self.backend.capabilities.structured_outputs else None))
-            for _, request, generation in cut
-        ]
+        follow_ups = [self._forced_request(request, generation.text) for _, request, generation in cut]
         for (index, _, _), generation in zip(cut, self.backend.generate(follow_ups)):
             scores[index] = self._read(generation)
             last_answer[index] = generation.text
         self.forced_answers += len(cut)
+
+    def _forced_request(self, request: GenerationRequest, reasoning: str) -> GenerationRequest:
+        """A short answer after reasoning that ran out: the authors' continuation of the same answer,
+        or a follow-up turn asking for the number (the default: it needs no raw-prompt access)."""
+        if self.config.forced_answer == "continue":
+            return dataclasses.replace(request, prefill=forced_answer_prefill(reasoning), params=dataclasses.replace(
+                request.params, max_tokens=PAPER_FORCED_ANSWER_TOKENS, reasoning_effort=None, choices=None))
+        constrained = self.scores if self.backend.capabilities.structured_outputs else None
+        return dataclasses.replace(request, messages=forced_answer_messages(request.messages, reasoning, self.config.scale),
+                                   params=dataclasses.replace(request.params, max_tokens=FORCED_ANSWER_TOKENS,
+                                                              reasoning_effort=None, choices=constrained))
 
     def _weigh_tens(
         self, pending: list[int], asked: list[GenerationRequest], generations: list[Generation], scores: list[float | None]
@@ -232,8 +248,13 @@ class LLMJudge(Judge):
     def _read(self, generation: Generation) -> float | None:
         if self.config.weighted:
             return expected_score(generation.top_logprobs or ())
-        score = parse_score(generation.text)
-        return None if score is None else float(score)
+        if self.config.parse == "lenient":
+            score = parse_lenient_score(generation.text)
+        else:
+            score = parse_score(generation.text) if self.config.scale == 10 else parse_hundred(generation.text)
+        if score is None or not 1 <= score <= self.config.scale:
+            return None
+        return float(score) * SCORE_MAX / self.config.scale
 
     def rate(self, requests: Sequence[RatingRequest]) -> list[Rating]:
         scores: list[float | None] = [None] * len(requests)

@@ -25,6 +25,7 @@ from apm_bench.methods.context_budget import ContextBudget
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.registry import Registry
 from apm_bench.world.catalog import Principle
+from apm_bench.world.prompting import InstructionTexts
 from apm_bench.world.users import Target
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class FitContext:
     report: Callable[[str], None] = _quiet
     #: the generator's context less the answer's tokens: what histories and examples may fill
     budget: ContextBudget = field(default_factory=ContextBudget)
+    #: whose wording style instructions and the RAG prompt use (the paper's protocol: the authors')
+    texts: InstructionTexts = "apm-bench"
     #: where the generator cannot train (vLLM): builds, on first call, an engine of the same model
     #: that can (transformers); what it trains is saved and served by the generator
     trainer: Callable[[], Backend] | None = None
@@ -93,6 +96,9 @@ class Personalizer(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: Evaluation-only upper bounds (the oracle) are handed test targets; nothing else ever is.
     evaluation_only: ClassVar[bool] = False
+    #: an evaluation-only method that reads the judge's scores of the test users' own candidates
+    #: (the paper's oracle): the run writes and rates candidates for test users too
+    needs_test_feedback: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -116,6 +122,10 @@ class Personalizer(ABC):
 
     def reveal_targets(self, targets: dict[str, list[Target]]) -> None:
         raise TypeError(f"method {self.name!r} is not evaluation-only and must never see targets")
+
+    def reveal_feedback(self, feedback: FeedbackOracle) -> None:
+        """For `needs_test_feedback` methods only: feedback on the test users' candidates."""
+        raise TypeError(f"method {self.name!r} does not read test users' feedback and must never see it")
 
 
 METHODS: Registry[type[Personalizer]] = Registry("method", entry_point_group="apm_bench.methods")

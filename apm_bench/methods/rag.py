@@ -21,7 +21,7 @@ from apm_bench.errors import UninformativeFeedbackError
 from apm_bench.methods.base import FitContext, MethodOptions, Personalization, Personalizer, UserView, register_method
 from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.methods.embedder import HistoryEmbedder
-from apm_bench.world.prompting import example_block, history_block
+from apm_bench.world.prompting import PAPER_RAG_SYSTEM, InstructionTexts, example_block, history_block
 
 RAG_INSTRUCTION = (
     "The examples below come from users whose earlier messages resemble this user's. Each shows a "
@@ -62,9 +62,10 @@ class Rag(Personalizer):
         self._embedder: HistoryEmbedder | None = None
         self._rng = np.random.default_rng(0)
         self._budget = ContextBudget()
+        self._texts: InstructionTexts = "apm-bench"
 
     def fit(self, context: FitContext) -> None:
-        self._embedder, self._budget = context.embedder, context.budget
+        self._embedder, self._budget, self._texts = context.embedder, context.budget, context.texts
         self._rng = np.random.default_rng([context.seed, 0x7A6])
         examples = []
         for user in context.train_users:
@@ -101,6 +102,8 @@ class Rag(Personalizer):
                 excerpt = history_block(list(example.history[: self.options.history_excerpt]))
                 block = f"<similar_user_history>\n{excerpt}\n</similar_user_history>\n{block}"
             blocks.append(block)
+        if self._texts == "paper":
+            return PAPER_RAG_SYSTEM.format(examples="\n".join(blocks))
         return RAG_INSTRUCTION + "\n\n<examples>\n" + "\n".join(blocks) + "\n</examples>"
 
     def personalize(self, user: UserView, prompt: str) -> Personalization:

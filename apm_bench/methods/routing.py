@@ -33,7 +33,7 @@ from apm_bench.methods.base import (
 )
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.world.catalog import Principle
-from apm_bench.world.prompting import style_instruction
+from apm_bench.world.prompting import InstructionTexts, style_instruction
 
 LabelStrategy = Literal["abs", "abs_two_sided", "margin", "regression"]
 LABEL_STRATEGIES: tuple[str, ...] = ("abs", "abs_two_sided", "margin", "regression")
@@ -85,10 +85,12 @@ class Routing(Personalizer):
         self._classifier: ClassifierMixin | None = None
         self._principles: list[Principle] = []
         self._embedder: HistoryEmbedder | None = None
+        self._texts: InstructionTexts = "apm-bench"
         self.selected_regularisation: float | None = None
 
     def fit(self, context: FitContext) -> None:
         self._principles = list(context.principles)
+        self._texts = context.texts
         self._embedder = context.embedder
         users, targets = self._labelled(context.train_users, context)
         features = context.embedder.embed_histories([u.history for u in users])
@@ -146,7 +148,7 @@ class Routing(Personalizer):
     def _instruction(self, label: int) -> str:
         n = len(self._principles)
         principle = self._principles[label % n]
-        return style_instruction(principle, "follow" if label < n else "avoid")
+        return style_instruction(principle, "follow" if label < n else "avoid", self._texts)
 
     def personalize(self, user: UserView, prompt: str) -> Personalization:
         return self.personalize_many([user], [prompt])[0]

@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from apm_bench.errors import ConfigError, first_error
 from apm_bench.judging.sim_judge import SimJudgeConfig
+from apm_bench.run.protocol import Protocol, apply_protocol
 from apm_bench.sim.writer import SimWriterConfig
 from apm_bench.world.mapping import MappingKind
+from apm_bench.world.prompting import InstructionTexts
 
 Control = Literal["no-history", "shuffled-history"]
 EngineRole = Literal["generator", "candidate_writer", "history_writer", "judge"]
@@ -50,8 +52,20 @@ class RunConfig(BaseModel):
     judge_max_tokens: int = Field(default=8, ge=1)
     judge_temperature: float = Field(default=0.0, ge=0, description="LLM judge sampling temperature (seeded)")
     judge_reasoning_effort: Literal["low", "medium", "high"] | None = None
+    judge_prompt: Literal["rubric", "paper"] = Field(default="rubric", description="the LLM judge's prompt")
+    judge_scale: Literal[10, 100] = Field(default=10, description="100: rate 1–100, divided by 10")
+    judge_parse: Literal["strict", "lenient"] = "strict"
+    judge_top_p: float = Field(default=1.0, gt=0, le=1)
+    judge_retries: int = Field(default=3, ge=0, description="re-asks for unparseable LLM judge answers")
+    judge_forced_answer: Literal["follow-up", "continue"] = "follow-up"
+    protocol: Protocol = Field(default="apm-bench", description="'paper': the APM authors' settings for every option left unset")
     writer_model: str = Field(default=SIM_WRITER, description="'sim' (phrase banks) or a model that rewrites prompts")
     writer_backend: str | None = None
+    writer_prompt: Literal["apm-bench", "paper"] = Field(default="apm-bench", description="the LLM history writer's prompt")
+    writer_temperature: float = Field(default=1.0, ge=0)
+    writer_max_tokens: int = Field(default=1024, ge=1, description="raise for reasoning writers, which think first")
+    writer_discard_truncated: bool = Field(
+        default=False, description="discard a user whose rewrite the token budget cut (empty rewrites always are)")
     writer_url: str | None = None
     roles: Literal["same", "paper"] | None = Field(
         default=None, description="fill the roles not set explicitly: 'same' (all on the generator) or 'paper'"
@@ -86,6 +100,12 @@ class RunConfig(BaseModel):
     split_per_world: bool = Field(
         default=True, description="each world draws its own stratified split from its seed (False: the data seed's split serves every world)"
     )
+    instruction_texts: InstructionTexts = Field(
+        default="apm-bench", description="wording of style instructions and the RAG prompt: apm-bench's or 'paper'")
+    gain_against: str = Field(
+        default="oracle", description="the upper bound gain divides by: 'oracle' (target instruction) or 'oracle-router' (the paper's)")
+    shared_baseline: bool = Field(
+        default=False, description="one baseline response per test user, generated and judged once for all worlds")
     temperature: float = Field(default=1.0, ge=0)
     max_tokens: int = Field(default=1024, ge=1, description="answer budget of candidates and test responses")
     judge: SimJudgeConfig = Field(default_factory=SimJudgeConfig)
@@ -93,7 +113,13 @@ class RunConfig(BaseModel):
     principles_dir: Path | None = None
     personas_dir: Path | None = None
     prompts_file: Path | None = None
+    test_prompts_file: Path | None = Field(
+        default=None, description="prompts for test users only (e.g. UltraChat test_sft): every world's test users")
+    disjoint_test_prompts: bool = Field(
+        default=False, description="test users get their conversations from a share of the prompts no other user sees")
     conversations_file: Path | None = Field(default=None, description="users in the APM reference JSONL format")
+    test_conversations_file: Path | None = Field(
+        default=None, description="the authors' separate test file: its users are every world's test users")
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     bootstrap_resamples: int = Field(default=2000, ge=100)
     bootstrap_seed: int = 0
@@ -119,6 +145,11 @@ class RunConfig(BaseModel):
             raise ValueError("world seeds must be distinct")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol(cls, data: Any) -> Any:
+        return apply_protocol(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _preset_roles(self) -> "RunConfig":
         """A preset fills each role the user left unset; the generator's engine goes with its model."""
@@ -134,6 +165,18 @@ class RunConfig(BaseModel):
             setattr(self, f"{prefix}_backend", generator["backend"] if same else None)
             if prefix in ("judge", "writer"):
                 setattr(self, f"{prefix}_url", generator["url"] if same else None)
+        return self
+
+    @model_validator(mode="after")
+    def _test_file_needs_a_train_file(self) -> "RunConfig":
+        if self.test_conversations_file is not None and self.conversations_file is None:
+            raise ValueError("test_conversations_file needs conversations_file (the training users)")
+        return self
+
+    @model_validator(mode="after")
+    def _weighted_judge_on_ten_points(self) -> "RunConfig":
+        if self.judge_weighted and self.judge_scale != 10:
+            raise ValueError("judge_weighted reads the scores 1..10 from one token; it needs judge_scale 10")
         return self
 
     @model_validator(mode="after")

@@ -164,6 +164,12 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
             max_tokens=config.judge_max_tokens,
             temperature=config.judge_temperature,
             reasoning_effort=config.judge_reasoning_effort,
+            prompt=config.judge_prompt,
+            scale=config.judge_scale,
+            parse=config.judge_parse,
+            top_p=config.judge_top_p,
+            retries=config.judge_retries,
+            forced_answer=config.judge_forced_answer,
         )
         judge = LLMJudge(backend(roles["judge"]), catalog.principles, judge_config)
     if cache is not None:
@@ -172,7 +178,9 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
     if config.writer_model == SIM_WRITER:
         history_writer = SimHistoryWriter(catalog, config.writer)
     else:
-        history_writer = LLMHistoryWriter(backend(roles["history writer"]), catalog)
+        history_writer = LLMHistoryWriter(backend(roles["history writer"]), catalog, temperature=config.writer_temperature,
+                                          max_tokens=config.writer_max_tokens, prompt=config.writer_prompt,
+                                          discard_truncated=config.writer_discard_truncated)
     if embedder is None:
         embedder = HistoryEmbedder(cache=cache)
     twin = getattr(generator, "training_twin", None)

@@ -35,7 +35,7 @@ from apm_bench.sim.style import stable_seed
 from apm_bench.sim.writer import SimHistoryWriter
 from apm_bench.world.catalog import Catalog, load_catalog
 from apm_bench.world.histories import HistoryWriter, Population, build_population, import_reference_conversations
-from apm_bench.world.prompts import load_prompts
+from apm_bench.world.prompts import NeutralPrompt, load_prompts, split_prompt_pools
 from apm_bench.world.world import World, build_world
 
 BASELINE = "baseline"
@@ -77,8 +77,10 @@ def artifact_store(config: RunConfig) -> ArtifactStore:
 
 
 def plan_methods(config: RunConfig) -> list[MethodVariant]:
-    """The reference rows first (baseline, oracle for gain, prior), then the asked methods."""
-    names = list(REFERENCES) + [m for m in config.methods if m not in REFERENCES]
+    """The reference rows first (baseline, oracle for gain, prior, and the bound gain is measured
+    against where that is another method), then the asked methods."""
+    references = list(REFERENCES) + ([config.gain_against] if config.gain_against not in REFERENCES else [])
+    names = references + [m for m in config.methods if m not in references]
     variants: list[MethodVariant] = []
     for name in names:
         cls = METHODS.get(name)
@@ -106,12 +108,25 @@ def load_pool_catalog(config: RunConfig) -> Catalog:
 
 def load_population(config: RunConfig, catalog: Catalog, writer: HistoryWriter | None = None) -> Population:
     if config.conversations_file is not None:
-        return import_reference_conversations(config.conversations_file, catalog, config.history_len)
-    prompts = load_prompts(config.prompts_file)
+        return import_reference_conversations(config.conversations_file, catalog, config.history_len,
+                                              config.test_conversations_file)
+    prompts, test_prompts = prompt_pools(config)
     return build_population(
         catalog, prompts, writer or SimHistoryWriter(catalog, config.writer), config.users, config.n_attr,
-        config.history_len, config.data_seed, balanced=config.balanced_population,
+        config.history_len, config.data_seed, balanced=config.balanced_population, test_prompts=test_prompts,
+        test_users=round(config.users * config.test_fraction) if test_prompts is not None else 0,
     )
+
+
+def prompt_pools(config: RunConfig) -> tuple[list[NeutralPrompt], list[NeutralPrompt] | None]:
+    """The prompts of training-side users, and of test users where those must be disjoint (a test
+    prompt file of their own, or a share of the one set)."""
+    prompts = load_prompts(config.prompts_file)
+    if config.test_prompts_file is not None:
+        return prompts, load_prompts(config.test_prompts_file)
+    if config.disjoint_test_prompts:
+        return split_prompt_pools(prompts, config.test_fraction, config.history_len + 1, config.data_seed)
+    return prompts, None
 
 
 def prepare(config: RunConfig, writer: HistoryWriter | None = None) -> tuple[Catalog, Population]:
@@ -193,8 +208,8 @@ def run_benchmark(
     say = _Stages(progress, total=len(config.worlds) * len(variants) + 6)
     say("population")
     catalog = load_pool_catalog(config)
-    if config.prompts_file is not None and config.conversations_file is None:
-        load_prompts(config.prompts_file)  # a bad prompt file fails before any engine starts
+    if config.conversations_file is None:
+        prompt_pools(config)  # a bad prompt file fails before any engine starts
     engines = build_engines(config, catalog, embedder)
     try:
         population = load_population(config, catalog, engines.history_writer)
@@ -226,20 +241,25 @@ def _run_all(
         )
         for world_seed in config.worlds
     ]
-    bank = _rated_candidates(config, catalog, engines, worlds, watch, say)
+    with_test_users = any(METHODS.get(v.method).needs_test_feedback for v in variants)
+    bank = _rated_candidates(config, catalog, engines, worlds, watch, say, with_test_users)
     planned: list[_Planned] = []
     for world in worlds:
         context, test_users = _fit_context(world, config, catalog, engines, bank, say, store)
+        test_feedback = FeedbackOracle(bank, {u.id: world.targets[u.id] for u in test_users}) if with_test_users else None
         for variant in variants:
             say(f"world {world.seed}: {variant.label}")
-            planned.append(_fit(variant, world, context, test_users, config, watch, training))
+            planned.append(_fit(variant, world, context, test_users, config, watch, training, test_feedback))
     generations = _generate_all(planned, engines, watch, say)
     ratings = _rate_all(planned, generations, engines, watch, say)
     samples = pd.concat([_world_frame(planned, generations, ratings, world.seed) for world in worlds], ignore_index=True)
     say("metrics")
-    metrics = compute_metrics(samples, config.bootstrap_seed, config.bootstrap_resamples, oracle_method=ORACLE)
+    metrics = compute_metrics(samples, config.bootstrap_seed, config.bootstrap_resamples, oracle_method=config.gain_against)
     watch.costs["candidates"].update(generation_calls=float(bank.generation_calls), rating_calls=float(bank.rating_calls))
     watch.costs["engines"] = engines.budget.snapshot()
+    # users the history writer failed on are discarded before any world is built: counted here
+    watch.costs["population"] = {"users": float(len(population.users)),
+                                 "discarded_users": float(population.discarded_users)}
     watch.costs["embedding"] = {"texts_encoded": float(engines.embedder.encoded_texts), **{
         f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
@@ -256,24 +276,28 @@ class _Planned:
     prompts: list[str]
     personalizations: list[Any]
     requests: list[GenerationRequest]
+    #: the judge's seed for these responses: the world's, or one for all worlds (a shared baseline)
+    rating_seed: int = 0
 
 
 def _rated_candidates(
-    config: RunConfig, catalog: Catalog, engines: Engines, worlds: list[World], watch: _Stopwatch, say: _Stages
+    config: RunConfig, catalog: Catalog, engines: Engines, worlds: list[World], watch: _Stopwatch, say: _Stages,
+    with_test_users: bool = False,
 ) -> CandidateBank:
-    """Phases 2 and 3: candidates for the training-side users of every world, then their ratings."""
-    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog, seed=config.data_seed, max_tokens=config.max_tokens)
-    fit_users = {uid: world for world in worlds for uid in world.split.train + world.split.validation}
-    say(f"candidates for {len(fit_users)} training-side users of {len(worlds)} world(s)")
+    """Phases 2 and 3: candidates for the training-side users of every world, then their ratings;
+    for the test users too where the paper's oracle runs (it routes each by their own candidates)."""
+    bank = CandidateBank(engines.candidate_writer, engines.judge, catalog, seed=config.data_seed, max_tokens=config.max_tokens,
+                         texts=config.instruction_texts)
+
+    def rated(world: World) -> list[str]:
+        return world.split.train + world.split.validation + (world.split.test if with_test_users else [])
+
+    fit_users = {uid: world for world in worlds for uid in rated(world)}
+    say(f"candidates for {len(fit_users)} users of {len(worlds)} world(s)")
     watch.start()
     bank.ensure({uid: world.users[uid].prompt for uid, world in fit_users.items()})
     say("ratings of the candidates")
-    bank.ensure_ratings(
-        (uid, target.principle)
-        for world in worlds
-        for uid in world.split.train + world.split.validation
-        for target in world.targets[uid]
-    )
+    bank.ensure_ratings((uid, target.principle) for world in worlds for uid in rated(world) for target in world.targets[uid])
     watch.stop("candidates")
     return bank
 
@@ -305,6 +329,7 @@ def _fit_context(
         artifacts=store,
         report=say.detail,
         budget=ContextBudget(engines.generator, config.max_tokens),
+        texts=config.instruction_texts,
         trainer=engines.trainer,
     )
     return context, [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
@@ -318,11 +343,14 @@ def _fit(
     config: RunConfig,
     watch: _Stopwatch,
     training: list[dict[str, Any]],
+    test_feedback: FeedbackOracle | None = None,
 ) -> _Planned:
     """Phase 4 for one (world, method): fit, then turn every test user's prompt into a request."""
     method: Personalizer = METHODS.get(variant.method)(**variant.options)
     if method.evaluation_only:
         method.reveal_targets({u.id: world.targets[u.id] for u in test_users})
+    if method.needs_test_feedback and test_feedback is not None:
+        method.reveal_feedback(test_feedback)
     calls_before = context.feedback.calls
     watch.start()
     method.fit(context)
@@ -332,17 +360,20 @@ def _fit(
     watch.stop(f"fit:{variant.label}", feedback_calls=context.feedback.calls - calls_before,
                **{k: sum(r.cost()[k] for r in records) for k in ("training_steps", "training_examples", "training_seconds") if records})
     training += [{"world": world.seed, "method": variant.label, **dataclasses.asdict(r)} for r in records]
+    # the baseline does not depend on C: shared, it is one request per test user whatever the world,
+    # so the cache generates and judges it once and every world reuses it (the authors' protocol)
+    shared = config.shared_baseline and variant.method == BASELINE
     requests = [
         GenerationRequest(
             messages=p.messages,
-            seed=stable_seed("evaluation", world.seed, u.id),
+            seed=stable_seed("evaluation", u.id) if shared else stable_seed("evaluation", world.seed, u.id),
             params=SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens),
             adapter=p.adapter,
             soft_prompt=p.soft_prompt,
         )
         for u, p in zip(test_users, personalizations)
     ]
-    return _Planned(world, variant, test_users, prompts, personalizations, requests)
+    return _Planned(world, variant, test_users, prompts, personalizations, requests, 0 if shared else world.seed)
 
 
 def _generate_all(planned: list[_Planned], engines: Engines, watch: _Stopwatch, say: _Stages) -> list[list[Any]]:
@@ -375,7 +406,7 @@ def _rate_all(
     failed generation."""
     per_plan = [
         [
-            RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=plan.world.seed)
+            RatingRequest(prompt=prompt, response=g.text, principle=t.principle, seed=plan.rating_seed)
             for u, prompt, g in zip(plan.users, plan.prompts, mine)
             if not g.failed
             for t in plan.world.targets[u.id]

@@ -18,7 +18,7 @@ import numpy as np
 from apm_bench.backends.base import Message
 from apm_bench.sim.style import MAX_LEVEL, StyleCodec
 from apm_bench.world.catalog import Attribute, Principle
-from apm_bench.world.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG
+from apm_bench.world.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG, paper_sentence
 
 _NEGATIONS = frozenset("not no avoid avoids avoiding without never dislike dislikes less hates hate non".split())
 _TAGGED = re.compile(r"<(prompt|best_response|worst_response)>.*?</\1>", re.DOTALL)
@@ -31,12 +31,14 @@ class ContextReader:
         self.n_principles = len(principles)
         self.n_attributes = len(attributes)
         self.codec = codec
-        names = {p.name: i for i, p in enumerate(principles)}
+        # names as the catalog writes them ("FOLLOW Casual") or as the authors' instructions do ("FOLLOW casual")
+        names = {p.name.lower(): i for i, p in enumerate(principles)}
         self._names = names
         self._instruction = re.compile(
-            r"\b(" + "|".join(SIDE_WORDS.values()) + r") (" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")\b"
+            r"\b(" + "|".join(SIDE_WORDS.values()) + r") ((?i:" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r"))\b"
         )
-        self._instruction_texts = [t for p in principles for t in (p.follow_instruction, p.avoid_instruction)]
+        self._instruction_texts = [t for p in principles for t in (p.follow_instruction, p.avoid_instruction)] + [
+            paper_sentence(p, side) for p in principles for side in ("follow", "avoid")]
         keyword_sign: dict[str, tuple[int, int]] = {}
         for index, principle in enumerate(principles):
             keyword_sign.update({k.lower(): (index, 1) for k in principle.keywords})
@@ -78,7 +80,7 @@ class ContextReader:
     def instructions(self, text: str) -> np.ndarray:
         values = np.zeros(self.n_principles)
         for side_word, name in self._instruction.findall(text):
-            values[self._names[name]] = 1.0 if side_word == SIDE_WORDS["follow"] else -1.0
+            values[self._names[name.lower()]] = 1.0 if side_word == SIDE_WORDS["follow"] else -1.0
         return values
 
     def keywords(self, system_text: str) -> np.ndarray:

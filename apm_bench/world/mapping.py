@@ -25,21 +25,40 @@ def signed_permutation(size: int, rng: np.random.Generator) -> np.ndarray:
     return matrix
 
 
+#: draws allowed for one permutation that shares no cell with those already accepted
+MAX_REJECTIONS = 100_000
+
+
 def overlaid_permutations(size: int, n_perm: int, rng: np.random.Generator) -> np.ndarray:
     """n_perm signed permutations on disjoint cells, each with its own random signs.
 
-    Disjointness is guaranteed by drawing one random permutation σ and using the cyclic shifts
-    σ∘shift(j) for j in a random set of n_perm distinct offsets: two different shifts never
-    share a (row, column) cell.
+    As the APM authors draw them: permutations are drawn at random and one is kept only when it
+    shares no (row, column) cell with those kept before (rejection sampling), so every family of
+    disjoint permutations can come up, not only the cyclic shifts of one. Signs are drawn after
+    all permutations are kept. One permutation is a plain signed permutation (the draw of
+    earlier versions, so n_perm = 1 worlds are unchanged).
     """
     if not 1 <= n_perm <= size:
         raise ConfigError(f"n_perm must be between 1 and the pool size {size}, got {n_perm}")
-    base = rng.permutation(size)
-    offsets = rng.choice(size, size=n_perm, replace=False)
-    matrix = np.zeros((size, size))
     rows = np.arange(size)
-    for offset in offsets:
-        columns = base[(rows + offset) % size]
+    if n_perm == 1:
+        base = rng.permutation(size)
+        columns = base[(rows + rng.choice(size)) % size]
+        matrix = np.zeros((size, size))
+        matrix[rows, columns] = rng.choice([-1.0, 1.0], size=size)
+        return matrix
+    kept: list[np.ndarray] = []
+    while len(kept) < n_perm:
+        for _ in range(MAX_REJECTIONS):
+            candidate = rng.permutation(size)
+            if all((candidate != other).all() for other in kept):
+                kept.append(candidate)
+                break
+        else:
+            raise ConfigError(f"no {n_perm} disjoint permutations of {size} found by rejection sampling "
+                              f"within {MAX_REJECTIONS} draws; use a smaller n_perm")
+    matrix = np.zeros((size, size))
+    for columns in kept:
         matrix[rows, columns] = rng.choice([-1.0, 1.0], size=size)
     return matrix
 

@@ -6,20 +6,52 @@ One place for them, because a real LLM and the simulator's reader must see the s
 
 from __future__ import annotations
 
+from typing import Literal
+
 from apm_bench.world.catalog import Principle, Side
 
+#: whose wording the instructions and the RAG prompt use: apm-bench's (each principle's own
+#: instruction sentence from the catalog), or the APM authors' (one template for every principle)
+InstructionTexts = Literal["apm-bench", "paper"]
 SIDE_WORDS: dict[Side, str] = {"follow": "FOLLOW", "avoid": "AVOID"}
+#: the authors' routing and candidate instruction, verbatim
+PAPER_INSTRUCTION = (
+    "\nYour task is to respond to the user's prompt while strictly adhering to the following response "
+    "principle:\n{direction} {name}\n\nYou must {sentence}.\n"
+)
+PAPER_SENTENCES: dict[Side, str] = {"follow": "demonstrate strong {name} in your response",
+                                    "avoid": "avoid any {name} in your response"}
+#: the authors' RAG system prompt (their rag_simple method), verbatim
+PAPER_RAG_SYSTEM = (
+    "Below are examples of prompts and responses showing the response styles that users similar to the "
+    "current user prefer (\"best\") and dislike (\"worst\"). Use these examples to infer the kind of response "
+    "style this user wants, then respond accordingly.\n\n<examples>\n{examples}\n</examples>\n\nNow respond to "
+    "the user's prompt in a style consistent with what they appear to prefer based on the examples above. Do not "
+    "mention or refer to the examples.\n"
+)
 BEST_TAG = "best_response"
 WORST_TAG = "worst_response"
 
 
-def style_instruction(principle: Principle, side: Side) -> str:
+def bare_name(principle: Principle) -> str:
+    """The principle as the authors name it: its name alone, in lower case ("emotionally neutral")."""
+    return principle.name.lower()
+
+
+def style_instruction(principle: Principle, side: Side, texts: InstructionTexts = "apm-bench") -> str:
     """The system prompt that asks for one side of one principle (candidates, routing, oracle)."""
+    if texts == "paper":
+        return PAPER_INSTRUCTION.format(direction=SIDE_WORDS[side], name=bare_name(principle),
+                                        sentence=paper_sentence(principle, side))
     return (
         "Respond to the user's message while strictly adhering to this response principle:\n"
         f"{SIDE_WORDS[side]} {principle.name}\n\n"
         f"{principle.instruction(side)}"
     )
+
+
+def paper_sentence(principle: Principle, side: Side) -> str:
+    return PAPER_SENTENCES[side].format(name=bare_name(principle))
 
 
 def history_block(history: list[str]) -> str:

@@ -49,10 +49,7 @@ def build_world(
         response = matrix @ attribute_vector(user.attributes, catalog.attribute_ids)
         targets[user.id] = targets_from_response_vector(response, catalog.principle_ids, max_targets)
     scorable = [u.id for u in population.users if targets[u.id]]
-    everyone = split_users(
-        [u.id for u in population.users], validation_fraction, test_fraction, np.random.default_rng([split_seed, 0x5]),
-        strata=[stratum(u.attributes) for u in population.users],
-    )
+    everyone = _split(population, validation_fraction, test_fraction, np.random.default_rng([split_seed, 0x5]))
     keep = set(scorable)
     split = Split(
         train=[u for u in everyone.train if u in keep],
@@ -67,3 +64,17 @@ def build_world(
         split=split,
         users_without_targets=len(population.users) - len(scorable),
     )
+
+
+def _split(population: Population, validation_fraction: float, test_fraction: float, rng: np.random.Generator) -> Split:
+    """A stratified split of the whole population; where the data holds its own test users (the
+    authors' test file), those, and `validation_fraction` of the others for validation."""
+    if population.test_ids is None:
+        return split_users([u.id for u in population.users], validation_fraction, test_fraction, rng,
+                           strata=[stratum(u.attributes) for u in population.users])
+    held_out = set(population.test_ids)
+    others = [u for u in population.users if u.id not in held_out]
+    if validation_fraction <= 0:
+        return Split(train=sorted(u.id for u in others), validation=[], test=sorted(held_out))
+    drawn = split_users([u.id for u in others], 0.0, validation_fraction, rng, strata=[stratum(u.attributes) for u in others])
+    return Split(train=drawn.train, validation=drawn.test, test=sorted(held_out))
