@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,51 +107,25 @@ def offline_paths(model: Path, batches: dict[str, list[Any]], repeats: int) -> d
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def http_path(model: Path, batches: dict[str, list[Any]], repeats: int, concurrency: int) -> dict[str, dict[str, Any]]:
+    from local_server import free_port, start, stop, wait_until_serving
+
     from apm_bench.backends.openai_compat import OpenAIBackend
 
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--max-model-len", str(ENGINE["max_model_len"]),
                "--enforce-eager", "--no-enable-chunked-prefill"]
-    log_path = Path(tempfile.mkdtemp(prefix="apm-bench-server-")) / "server.log"
-    log = log_path.open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    log = Path(tempfile.mkdtemp(prefix="apm-bench-server-")) / "server.log"
+    server = start(command, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"the vLLM API server did not start: {log_path.read_text()[-2000:]}") from None
-                time.sleep(2)
+        wait_until_serving(url, server, log, timeout=300)
         client = OpenAIBackend(str(model), base_url=url, max_concurrency=concurrency, structured_outputs=True)
         return {kind: {"http": timed(lambda: client.generate(requests), lambda gens: sum(g.completion_tokens for g in gens),
                                      repeats)} for kind, requests in batches.items()}
     finally:
         stop(server)
-
-
-def stop(server: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (it and its engine), SIGKILL if it lingers."""
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def main() -> None:

@@ -3,14 +3,11 @@ the official client, and the metrics equal those of the in-process simulator."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from local_server import free_port, start, stop, wait_until_serving
 
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.run.config import RunConfig
@@ -19,31 +16,15 @@ from apm_bench.run.runner import run_benchmark
 SMALL = dict(methods=["routing"], users=120, worlds=[0], history_len=2, bootstrap_resamples=300, cache=None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "apm_bench.cli", "serve-sim", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-sim") / "server.log"
+    process = start([sys.executable, "-m", "apm_bench.cli", "serve-sim", "--port", str(port)], log)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"apm serve-sim did not start: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
-            time.sleep(0.2)
+    wait_until_serving(url, process, log, timeout=60)
     yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    stop(process)
 
 
 def _pooled(result, method: str):  # type: ignore[no-untyped-def]

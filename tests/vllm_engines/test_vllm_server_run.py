@@ -10,17 +10,13 @@ so this run covers the methods that send text (baseline, oracle, prior, history,
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from local_server import free_port, start, stop, wait_until_serving
 
 #: seeded sampling everywhere: deterministic, and a random-weight judge sampled with a seed per
 #: rating still tells candidates apart (greedy, it gives every candidate the same score)
@@ -29,53 +25,27 @@ DETERMINISTIC = {"temperature": 1.0, "judge_temperature": 1.0, "users": 24, "wor
 ROLES = ("candidate", "writer", "judge")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def servers(generator_dir: Path, judge_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Two API servers on loopback ports; seeded requests need chunked prefill off on the CPU build."""
     logs = tmp_path_factory.mktemp("servers")
-    started: list[subprocess.Popen] = []
+    started: dict[str, tuple[subprocess.Popen, Path]] = {}
     urls = {}
     try:
         for role, model in (("generator", generator_dir), ("judge", judge_dir)):
-            port = _free_port()
+            port = free_port()
             command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
                        "--enforce-eager", "--no-enable-chunked-prefill"]
-            log = (logs / f"{role}.log").open("w")
-            started.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}))
+            log = logs / f"{role}.log"
+            started[role] = (start(command, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}), log)
             urls[role] = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 300
-        while not all(_ready(url) for url in urls.values()):
-            dead = [p for p in started if p.poll() is not None]
-            assert not dead and time.time() < deadline, "a vLLM server did not start: " + " | ".join(
-                (logs / f"{r}.log").read_text()[-1500:] for r in urls)
-            time.sleep(2)
+        for role, (process, log) in started.items():  # both start at once; then each must answer
+            wait_until_serving(urls[role], process, log, timeout=300)
         yield urls
     finally:
-        for process in started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        for process, _ in started.values():
+            stop(process)
 
 
 def _apm_run(config: dict, folder: Path) -> dict:
