@@ -52,8 +52,9 @@ class ContextBudget:
         search finds it); with none fitting, the prompt without items, which the engine then counts
         as a failure if even that is too long. `answer_tokens` overrides the reserve for requests
         with an answer budget of their own (POPI's summaries)."""
-        if self.fits(build(count), answer_tokens):
-            return Trimmed(build(count), 0)
+        whole = build(count)
+        if self.fits(whole, answer_tokens):
+            return Trimmed(whole, 0)
         low, high = 0, count - 1  # the largest fitting k lies in [low, high], or there is none
         while low < high:
             middle = (low + high + 1) // 2
