@@ -34,8 +34,9 @@ def apm(*args: object, cwd: Path, pythonpath: Path | None = None, columns: int |
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "PYTHONPATH")}
     if columns is not None:
         env["COLUMNS"] = str(columns)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
+    # the checkout these tests sit in, not whatever the environment has installed (worktrees, clones)
+    checkout = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([checkout] + ([str(pythonpath)] if pythonpath is not None else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return subprocess.run(
