@@ -179,6 +179,28 @@ def test_the_prior_runs_beside_every_method_and_earns_nothing_on_a_balanced_popu
     assert _pooled(default_run, "routing[margin]").ci_low > prior.ci_high  # routing reads histories, the prior cannot
 
 
+def test_routing_diagnostics_measure_chosen_labels_against_true_top_targets(default_run) -> None:  # type: ignore[no-untyped-def]
+    from apm_bench.judging.label_diagnostics import top_label
+
+    diagnostics = {(d.method, d.world): d for d in default_run.label_diagnostics}
+    routing, prior = diagnostics[("routing[margin]", "pooled")], diagnostics[("prior", "pooled")]
+    assert {("routing[margin]", w) for w in ("0", "1", "2")} <= set(diagnostics)
+    assert "history" not in {d.method for d in default_run.label_diagnostics}  # it routes nothing
+    # recomputed from samples.parquet's own columns: the chosen label against the largest-|weight| target
+    rows = default_run.samples[default_run.samples["method"] == "routing[margin]"]
+    hits = (rows["routed_to"] == rows["targets"].map(top_label)).mean()
+    assert routing.n_users == len(rows) and routing.label_accuracy == pytest.approx(hits)
+    assert sum(sum(r.values()) for r in routing.confusion.values()) == routing.n_users
+    diagonal = sum(row.get(true, 0) for true, row in routing.confusion.items())
+    assert diagonal / routing.n_users == pytest.approx(routing.principle_accuracy)
+    # 20 labels: chance is 0.05; routing reads histories, the prior gives everyone one label
+    assert routing.label_accuracy > 0.25 > prior.label_accuracy
+    # the judge's training labels are better than what the classifier recovers from histories
+    assert routing.training_label_accuracy is not None and routing.training_users > 0
+    assert routing.training_label_accuracy > routing.label_accuracy
+    assert prior.training_label_accuracy is None
+
+
 def _lopsided_population(path, n_users: int, follow_share: float) -> None:  # type: ignore[no-untyped-def]
     """A reference-format file whose users all have 'verbose' active, most on its follow side."""
     import json

@@ -120,6 +120,11 @@ class Personalizer(ABC):
         """What the last fit trained (one record per adapter); methods that do not train have none."""
         return []
 
+    def training_labels(self) -> dict[str, str]:
+        """Training user id → the label ("follow casual") the fit derived from the judge's feedback;
+        the run compares them with the true targets (routing diagnostics). Most methods derive none."""
+        return {}
+
     def reveal_targets(self, targets: dict[str, list[Target]]) -> None:
         raise TypeError(f"method {self.name!r} is not evaluation-only and must never see targets")
 

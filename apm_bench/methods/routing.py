@@ -32,7 +32,7 @@ from apm_bench.methods.base import (
     register_method,
 )
 from apm_bench.methods.embedder import HistoryEmbedder
-from apm_bench.world.catalog import Principle
+from apm_bench.world.catalog import Principle, Side
 from apm_bench.world.prompting import InstructionTexts, style_instruction
 
 LabelStrategy = Literal["abs", "abs_two_sided", "margin", "regression"]
@@ -87,12 +87,14 @@ class Routing(Personalizer):
         self._embedder: HistoryEmbedder | None = None
         self._texts: InstructionTexts = "apm-bench"
         self.selected_regularisation: float | None = None
+        self._training_labels: dict[str, str] = {}
 
     def fit(self, context: FitContext) -> None:
         self._principles = list(context.principles)
         self._texts = context.texts
         self._embedder = context.embedder
         users, targets = self._labelled(context.train_users, context)
+        self._training_labels = {u.id: self._label_name(int(np.argmax(t))) for u, t in zip(users, targets)}
         features = context.embedder.embed_histories([u.history for u in users])
         validation = list(context.validation_users)
         validation_scores = np.stack([context.feedback.scores(u.id) for u in validation]) if validation else None
@@ -145,14 +147,23 @@ class Routing(Personalizer):
             raise RuntimeError("routing must be fitted before it personalizes")
         return self._predict(self._classifier, self._embedder.embed_histories(histories))
 
+    def training_labels(self) -> dict[str, str]:
+        return dict(self._training_labels)
+
+    def _side(self, label: int) -> Side:
+        return "follow" if label < len(self._principles) else "avoid"
+
+    def _label_name(self, label: int) -> str:
+        return f"{self._side(label)} {self._principles[label % len(self._principles)].id}"
+
     def _instruction(self, label: int) -> str:
-        n = len(self._principles)
-        principle = self._principles[label % n]
-        return style_instruction(principle, "follow" if label < n else "avoid", self._texts)
+        principle = self._principles[label % len(self._principles)]
+        return style_instruction(principle, self._side(label), self._texts)
 
     def personalize(self, user: UserView, prompt: str) -> Personalization:
         return self.personalize_many([user], [prompt])[0]
 
     def personalize_many(self, users: Sequence[UserView], prompts: Sequence[str]) -> list[Personalization]:
         labels = self.predict_labels([u.history for u in users])
-        return [Personalization(chat(p, system=self._instruction(int(l)))) for p, l in zip(prompts, labels)]
+        return [Personalization(chat(p, system=self._instruction(int(l))), notes={"routed_to": self._label_name(int(l))})
+                for p, l in zip(prompts, labels)]

@@ -70,7 +70,7 @@ class Prior(Personalizer):
     def personalize(self, user: UserView, prompt: str) -> Personalization:
         if self._instruction is None:
             raise RuntimeError("prior must be fitted before it personalizes")
-        return Personalization(chat(prompt, system=self._instruction))
+        return Personalization(chat(prompt, system=self._instruction), notes={"routed_to": str(self.chosen)})
 
 
 @register_method("history")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from apm_bench.judging.label_diagnostics import LabelDiagnostics
 from apm_bench.judging.metrics import MethodMetrics
 from apm_bench.run.config import RunConfig
 from apm_bench.run.runner import BASELINE, RunResult
@@ -65,12 +66,34 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
         + metrics_table(pooled),
         "![Δ score per method](delta.png)",
         "## Per world\n\n" + metrics_table(per_world),
+        routing_section(result.label_diagnostics),
         summaries_section(result.samples),
         context_section(result.samples),
         training_section(result.training),
         "## Cost\n\n| stage | counts |\n|---|---|\n" + costs,
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def routing_section(diagnostics: list[LabelDiagnostics]) -> str:
+    """Whether routers chose the label users wanted: the judge's training labels, then the predictions."""
+    if not diagnostics:
+        return ""
+    lines = ["## Routing diagnostics", "",
+             "Each router's chosen instruction against the user's true top target (largest |weight|), read "
+             "after prediction. *Training labels*: the labels the judge's feedback gave the training users; "
+             "*test*: the predictions for test users.", "",
+             "| method | world | training label acc. | test label acc. | test principle acc. | test users |",
+             "|---|---|---:|---:|---:|---:|"]
+    for d in diagnostics:
+        train = f"{d.training_label_accuracy:.3f} ({d.training_users})" if d.training_label_accuracy is not None else "–"
+        lines.append(f"| {d.method} | {d.world} | {train} | {d.label_accuracy:.3f} | {d.principle_accuracy:.3f} | {d.n_users} |")
+    for d in (d for d in diagnostics if d.world == "pooled" and d.method not in ("prior",)):
+        predicted = sorted({p for row in d.confusion.values() for p in row})
+        lines += ["", f"Confusion of **{d.method}** (pooled; rows: true top principle, columns: chosen):", "",
+                  "| true \\ chosen | " + " | ".join(predicted) + " |", "|---|" + "---:|" * len(predicted)]
+        lines += [f"| {true} | " + " | ".join(str(row.get(p, 0)) for p in predicted) + " |" for true, row in d.confusion.items()]
+    return "\n".join(lines)
 
 
 def summaries_section(samples) -> str:  # type: ignore[no-untyped-def]

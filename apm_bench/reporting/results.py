@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from apm_bench.judging.label_diagnostics import LabelDiagnostics
 from apm_bench.judging.metrics import MethodMetrics
 from apm_bench.reporting.report import plot_deltas, plot_training, render_report
 from apm_bench.run.runner import RunResult
@@ -44,6 +45,8 @@ class RunRecord(BaseModel):
     training: list[dict[str, Any]] = []
     #: trained weights copied into artifacts/ (PEFT adapters, soft-prompt projectors and tensors)
     artifacts: list[str] = []
+    #: routing diagnostics: routers' chosen labels against the users' true top targets
+    label_diagnostics: list[LabelDiagnostics] = []
 
 
 def package_versions() -> dict[str, str]:
@@ -133,6 +136,7 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
             costs=result.costs,
             training=[training_summary(entry) for entry in result.training],
             artifacts=_copy_artifacts(result, staging),
+            label_diagnostics=result.label_diagnostics,
         )
         if result.training:
             (staging / "training.json").write_text(json.dumps(result.training, indent=2) + "\n", encoding="utf-8")

@@ -23,6 +23,7 @@ from apm_bench.errors import ConfigError
 from apm_bench.judging.candidates import CandidateBank
 from apm_bench.judging.feedback import FeedbackOracle
 from apm_bench.judging.judge import Rating, RatingRequest
+from apm_bench.judging.label_diagnostics import LabelDiagnostics, label_diagnostics, training_label_accuracy
 from apm_bench.judging.metrics import MethodMetrics, compute_metrics
 from apm_bench.judging.reward import weighted_reward
 from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserView
@@ -67,6 +68,8 @@ class RunResult:
     #: one entry per trained (or reused) adapter: world, method, name, steps, examples, seconds, losses
     training: list[dict[str, Any]] = field(default_factory=list)
     artifacts: ArtifactStore | None = None
+    #: routing diagnostics: chosen labels against true top targets, per method and world
+    label_diagnostics: list[LabelDiagnostics] = field(default_factory=list)
 
 
 def artifact_store(config: RunConfig) -> ArtifactStore:
@@ -233,6 +236,7 @@ def _run_all(
     watch = _Stopwatch(engines)
     store = artifact_store(config)
     training: list[dict[str, Any]] = []
+    label_training: list[tuple[str, str, float, int]] = []
     worlds = [
         build_world(
             population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
@@ -249,7 +253,7 @@ def _run_all(
         test_feedback = FeedbackOracle(bank, {u.id: world.targets[u.id] for u in test_users}) if with_test_users else None
         for variant in variants:
             say(f"world {world.seed}: {variant.label}")
-            planned.append(_fit(variant, world, context, test_users, config, watch, training, test_feedback))
+            planned.append(_fit(variant, world, context, test_users, config, watch, training, test_feedback, label_training))
     generations = _generate_all(planned, engines, watch, say)
     ratings = _rate_all(planned, generations, engines, watch, say)
     samples = pd.concat([_world_frame(planned, generations, ratings, world.seed) for world in worlds], ignore_index=True)
@@ -263,7 +267,8 @@ def _run_all(
     watch.costs["embedding"] = {"texts_encoded": float(engines.embedder.encoded_texts), **{
         f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
-    return RunResult(config, samples, metrics, watch.costs, population.source, training, store)
+    diagnostics = label_diagnostics(samples, label_training)
+    return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics)
 
 
 @dataclass
@@ -344,6 +349,7 @@ def _fit(
     watch: _Stopwatch,
     training: list[dict[str, Any]],
     test_feedback: FeedbackOracle | None = None,
+    label_training: list[tuple[str, str, float, int]] | None = None,
 ) -> _Planned:
     """Phase 4 for one (world, method): fit, then turn every test user's prompt into a request."""
     method: Personalizer = METHODS.get(variant.method)(**variant.options)
@@ -360,6 +366,9 @@ def _fit(
     watch.stop(f"fit:{variant.label}", feedback_calls=context.feedback.calls - calls_before,
                **{k: sum(r.cost()[k] for r in records) for k in ("training_steps", "training_examples", "training_seconds") if records})
     training += [{"world": world.seed, "method": variant.label, **dataclasses.asdict(r)} for r in records]
+    derived = method.training_labels()
+    if derived and label_training is not None:  # evaluation only: targets are read after the fit
+        label_training.append((variant.label, str(world.seed), *training_label_accuracy(derived, world.targets)))
     # the baseline does not depend on C: shared, it is one request per test user whatever the world,
     # so the cache generates and judges it once and every world reuses it (the authors' protocol)
     shared = config.shared_baseline and variant.method == BASELINE
@@ -450,6 +459,7 @@ def _world_frame(planned: list[_Planned], generations: list[list[Any]], ratings:
                     "system_prompt": system,
                     "history_tokens": sum(len(m.split()) for m in user.history),
                     "summary": personalization.notes.get("summary"),
+                    "routed_to": personalization.notes.get("routed_to"),
                     "response": generation.text,
                     "generation_error": generation.error,
                     "context_trimmed": int(personalization.notes.get("context_trimmed", 0)),
