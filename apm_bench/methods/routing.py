@@ -4,12 +4,17 @@ Each training user gets a label from their candidates' scores (the label strateg
 learns history embedding → label, and at test time the predicted label becomes the FOLLOW/AVOID
 instruction. The classifier's regularisation is chosen on validation users by the reward their
 predicted labels would earn, i.e. by what the benchmark measures.
+
+`classifier: finetune` is the paper's routing instead: a text encoder (ModernBERT-base by default)
+fully fine-tuned on the tagged history (`methods/text_classifier.py`); its weights are kept in the
+artifact store, so a resumed run loads them instead of training again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
@@ -20,6 +25,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from apm_bench.backends.base import chat
+from apm_bench.cache import cache_key
 from apm_bench.errors import UninformativeFeedbackError
 from apm_bench.judging.judge import SCORE_MIDPOINT
 from apm_bench.methods.base import (
@@ -32,8 +38,12 @@ from apm_bench.methods.base import (
     register_method,
 )
 from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.methods.text_classifier import FineTunedClassifier, FinetuneSettings
 from apm_bench.world.catalog import Principle, Side
-from apm_bench.world.prompting import InstructionTexts, style_instruction
+from apm_bench.world.prompting import InstructionTexts, history_block, style_instruction
+
+if TYPE_CHECKING:  # torch loads only when a model trains
+    from apm_bench.methods.training import TrainingRecord
 
 LabelStrategy = Literal["abs", "abs_two_sided", "margin", "regression"]
 LABEL_STRATEGIES: tuple[str, ...] = ("abs", "abs_two_sided", "margin", "regression")
@@ -71,7 +81,13 @@ def label_distribution(scores: np.ndarray, strategy: str, temperature: float = 1
 class RoutingOptions(MethodOptions):
     label_strategy: LabelStrategy = "margin"
     temperature: float = Field(default=1.0, gt=0, description="softmax temperature of the regression strategy")
+    classifier: Literal["logistic", "finetune"] = Field(
+        default="logistic",
+        description="'logistic': logistic regression on the frozen φ (the CPU default); 'finetune': the paper's "
+        "fully fine-tuned encoder on the tagged history (settings under `finetune`)",
+    )
     regularisation: tuple[float, ...] = Field(default=(0.01, 0.03, 0.1), min_length=1, description="inverse L2 strengths tried")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="the fine-tuned classifier's settings")
 
 
 @register_method("routing")
@@ -88,6 +104,8 @@ class Routing(Personalizer):
         self._texts: InstructionTexts = "apm-bench"
         self.selected_regularisation: float | None = None
         self._training_labels: dict[str, str] = {}
+        self._finetuned: FineTunedClassifier | None = None
+        self._record: TrainingRecord | None = None
 
     def fit(self, context: FitContext) -> None:
         self._principles = list(context.principles)
@@ -95,6 +113,9 @@ class Routing(Personalizer):
         self._embedder = context.embedder
         users, targets = self._labelled(context.train_users, context)
         self._training_labels = {u.id: self._label_name(int(np.argmax(t))) for u, t in zip(users, targets)}
+        if self.options.classifier == "finetune":
+            self._fit_finetuned(users, targets, context)
+            return
         features = context.embedder.embed_histories([u.history for u in users])
         validation = list(context.validation_users)
         validation_scores = np.stack([context.feedback.scores(u.id) for u in validation]) if validation else None
@@ -111,6 +132,29 @@ class Routing(Personalizer):
                 best = (value, strength, classifier)
         assert best is not None
         _, self.selected_regularisation, self._classifier = best
+
+    def _fit_finetuned(self, users: Sequence[FitUser], targets: np.ndarray, context: FitContext) -> None:
+        """Train (or find in the artifact store) the encoder fine-tuned on these users' labels."""
+        texts = [history_block(list(u.history)) for u in users]
+        settings = self.options.finetune
+        key = "routing-classifier-" + cache_key("routing-classifier", context.seed, settings.model_dump(), texts,
+                                                np.round(targets, 6).tolist())[:20]
+        from apm_bench.methods.training import TrainingRecord
+
+        found = context.artifacts.find(key) if context.artifacts is not None else None
+        if found is not None:
+            self._finetuned = FineTunedClassifier.load(found)
+            self._record = TrainingRecord(name=key, examples=len(texts), reused=True)
+            return
+        classifier = FineTunedClassifier(settings, targets.shape[1], seed=context.seed)
+        self._record = dataclasses.replace(classifier.fit(texts, targets, context.report), name=key)
+        if context.artifacts is not None:
+            with context.artifacts.writing(key) as staging:
+                classifier.save(staging)
+        self._finetuned = classifier
+
+    def training_records(self) -> list[TrainingRecord]:
+        return [self._record] if self._record is not None else []
 
     def _labelled(self, users: Sequence[FitUser], context: FitContext) -> tuple[list[FitUser], np.ndarray]:
         kept, rows = [], []
@@ -143,6 +187,8 @@ class Routing(Personalizer):
         return classifier.classes_[np.argmax(classifier.predict_proba(features), axis=1)].astype(int)
 
     def predict_labels(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        if self._finetuned is not None:
+            return np.argmax(self._finetuned.predict_proba([history_block(list(h)) for h in histories]), axis=1)
         if self._classifier is None or self._embedder is None:
             raise RuntimeError("routing must be fitted before it personalizes")
         return self._predict(self._classifier, self._embedder.embed_histories(histories))
