@@ -11,6 +11,7 @@ from fit_context import world_zero
 from apm_bench.methods import UserView
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.rag import Rag
+from apm_bench.methods.rag_advanced import RagAdvanced
 from apm_bench.run.config import RunConfig
 from apm_bench.run.runner import load_pool_catalog, load_population, run_benchmark
 
@@ -32,11 +33,41 @@ def test_rag_retrieves_users_like_the_query_user(embedder: HistoryEmbedder) -> N
     engines.close()
 
 
+def test_rag_advanced_describes_users_and_their_rated_pairs_and_retrieves_on_the_descriptions(embedder: HistoryEmbedder) -> None:
+    engines, population, world, context = world_zero(embedder)
+    people = {u.id: u for u in population.users}
+    catalog = load_pool_catalog(RunConfig())
+    writing = {(a.id, side): getattr(a, side).description for a in catalog.attributes for side in ("follow", "avoid")}
+    method = RagAdvanced(k=5)
+    method.fit(context)
+    assert len(method.descriptions) > 0.8 * len(context.train_users)
+    # the vibe says how the user writes (their attribute side), never what they want
+    described = [writing[(people[u].attributes[0].attribute, people[u].attributes[0].side)] in vibe
+                 for u, (vibe, _) in method.descriptions.items()]
+    assert np.mean(described) > 0.8
+    # the preference description, written from the best and worst candidate, names the top target's side
+    keyword = {p.id: p.keywords[0] for p in catalog.principles}
+    agree = []
+    for u, (_, preference) in method.descriptions.items():
+        top = max(world.targets[u], key=lambda t: abs(t.weight))
+        stated = f"{'likes' if top.side == 'follow' else 'dislikes'} {keyword[top.principle]} answers"
+        opposite = f"{'dislikes' if top.side == 'follow' else 'likes'} {keyword[top.principle]} answers"
+        agree.append((f"user {stated}" in preference) - (f"user {opposite}" in preference))
+    assert np.mean(agree) > 0.3
+    # retrieval on the vibes finds users who write like the test user
+    label = {u.id: (u.attributes[0].attribute, u.attributes[0].side) for u in population.users}
+    tests = [UserView(u, tuple(world.users[u].history)) for u in world.split.test]
+    found = method.neighbours(tests)
+    assert np.mean([label[n] == label[t.id] for t, row in zip(tests, found) for n in row]) > 0.5
+    engines.close()
+
+
 @pytest.fixture(scope="module")
 def rag_runs(embedder: HistoryEmbedder) -> dict[str, object]:
     runs = {}
     for model in ("sim-large", "sim-small"):
-        runs[model] = run_benchmark(RunConfig(methods=["rag"], model=model, worlds=list(range(6))), embedder=embedder)
+        methods = ["rag", "rag-advanced"] if model == "sim-large" else ["rag"]
+        runs[model] = run_benchmark(RunConfig(methods=methods, model=model, worlds=list(range(6))), embedder=embedder)
     runs["random"] = run_benchmark(RunConfig(methods=["rag"], worlds=list(range(6)),
                                              method_options={"rag": {"neighbours": "random"}}), embedder=embedder)
     return runs
@@ -46,6 +77,14 @@ def test_rag_helps_the_model_that_imitates_examples(rag_runs: dict) -> None:
     large, small = _pooled(rag_runs["sim-large"], "rag"), _pooled(rag_runs["sim-small"], "rag")
     assert large.delta > 0 and large.ci_low > 0
     assert large.delta > small.delta + 0.1
+
+
+def test_rag_advanced_helps_through_its_neighbours_preference_descriptions(rag_runs: dict) -> None:
+    advanced = _pooled(rag_runs["sim-large"], "rag-advanced")
+    assert advanced.ci_low > 0
+    samples = rag_runs["sim-large"].samples
+    prompts = samples[samples["method"] == "rag-advanced"]["system_prompt"]
+    assert prompts.str.contains("have shown these preferences").all() and not prompts.str.contains("<example>").any()
 
 
 def test_rag_with_random_neighbours_loses_its_gain(rag_runs: dict) -> None:

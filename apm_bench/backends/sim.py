@@ -15,9 +15,9 @@ from apm_bench.sim.reader import ContextReader
 from apm_bench.sim.style import StyleCodec, stable_seed
 from apm_bench.sim.summarizer import SimSummarizer
 from apm_bench.world.catalog import Catalog
-from apm_bench.world.prompting import SUMMARIZE_INSTRUCTION
+from apm_bench.world.prompting import PREFERENCE_INSTRUCTION, SUMMARIZE_INSTRUCTION, VIBE_INSTRUCTION
 
-SIM_VERSION = "3"
+SIM_VERSION = "5"
 ADAPTER_FILE = "sim_adapter.pt"
 SUMMARIZER_ADAPTER_FILE = "sim_summarizer_adapter.pt"
 READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)  # bump when the simulator's behaviour changes, so old cache entries are not reused
@@ -85,7 +85,47 @@ class SimBackend(Backend):
 
     @staticmethod
     def is_summary_request(request: GenerationRequest) -> bool:
+        """A request for POPI's preference summary of a user's messages."""
         return any(m.role == "system" and m.content.startswith(SUMMARIZE_INSTRUCTION) for m in request.messages)
+
+    @staticmethod
+    def is_vibe_request(request: GenerationRequest) -> bool:
+        """A request to describe how a user writes (rag-advanced's retrieval key)."""
+        return any(m.role == "system" and m.content.startswith(VIBE_INSTRUCTION) for m in request.messages)
+
+    @staticmethod
+    def is_preference_request(request: GenerationRequest) -> bool:
+        """A request to say what a (prompt, best, worst) triple shows about a user (rag-advanced)."""
+        return any(m.role == "system" and m.content.startswith(PREFERENCE_INSTRUCTION) for m in request.messages)
+
+    def _kind(self, request: GenerationRequest) -> str:
+        if self.is_summary_request(request):
+            return "summary"
+        if self.is_vibe_request(request):
+            return "vibe"
+        return "preference" if self.is_preference_request(request) else "response"
+
+    def _vibes(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """The catalog's description of each attribute side the messages show: what an LLM would
+        say about how this user writes, and nothing about the answers they want."""
+        generations = []
+        for request in requests:
+            shown = "\n".join(m.content for m in request.messages if m.role == "user")
+            text = self.summarizer.describe_writing(self.reader.attribute_evidence(shown))
+            generations.append(Generation(text, 0.0 if request.params.logprobs else None,
+                                          sum(len(m.content.split()) for m in request.messages), len(text.split())))
+        return generations
+
+    def _preferences(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """The principles whose markers differ most between the best and the worst answer, as
+        preference statements; an imperfect reader like the rest of the simulator (it sees markers only)."""
+        generations = []
+        for request in requests:
+            shown = "\n".join(m.content for m in request.messages if m.role == "user")
+            text = self.summarizer.describe_preference(self.reader.imitation(shown))
+            generations.append(Generation(text, 0.0 if request.params.logprobs else None,
+                                          sum(len(m.content.split()) for m in request.messages), len(text.split())))
+        return generations
 
     def _summary_log_probs(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         evidence = np.stack([self.reader.attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
@@ -160,15 +200,15 @@ class SimBackend(Backend):
         return torch.stack(rows) if rows else torch.zeros(0)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        if not requests:
-            return []
-        summary_rows = [i for i, r in enumerate(requests) if self.is_summary_request(r)]
-        if summary_rows:
-            ordinary = [i for i in range(len(requests)) if i not in set(summary_rows)]
-            results: dict[int, Generation] = dict(zip(summary_rows, self._summaries([requests[i] for i in summary_rows])))
-            results.update(zip(ordinary, self._respond([requests[i] for i in ordinary])))
-            return [results[i] for i in range(len(requests))]
-        return self._respond(requests)
+        """Each kind of request (descriptions of users, of rated pairs, answers) goes to its part."""
+        handlers = {"summary": self._summaries, "vibe": self._vibes, "preference": self._preferences, "response": self._respond}
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(self._kind(request), []).append(index)
+        results: dict[int, Generation] = {}
+        for kind, rows in groups.items():
+            results.update(zip(rows, handlers[kind]([requests[i] for i in rows])))
+        return [results[i] for i in range(len(requests))]
 
     def _respond(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         if not requests:

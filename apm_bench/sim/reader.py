@@ -107,10 +107,14 @@ class ContextReader:
         signal = (np.mean(best, axis=0) if best else 0.0) - (np.mean(worst, axis=0) if worst else 0.0)
         return np.clip(np.asarray(signal, dtype=float) / (2 * MAX_LEVEL), -1.0, 1.0)
 
-    def attributes(self, text: str) -> np.ndarray:
-        """Which attribute sides the user's writing shows: the sign of the phrase evidence per attribute."""
+    def attribute_evidence(self, text: str) -> np.ndarray:
+        """Per attribute: phrases of its follow side found minus phrases of its avoid side."""
         values = np.zeros(self.n_attributes)
         for match in self._phrases.finditer(text):
             index, sign = self._phrase_sign[match.group(0)]
             values[index] += sign
-        return np.sign(values)
+        return values
+
+    def attributes(self, text: str) -> np.ndarray:
+        """Which attribute sides the user's writing shows: the sign of the phrase evidence per attribute."""
+        return np.sign(self.attribute_evidence(text))

@@ -43,6 +43,7 @@ class SimSummarizer(nn.Module):
     def __init__(self, principles: list[Principle], attributes: list[Attribute]) -> None:
         super().__init__()
         self.statements = statements(principles, attributes)
+        self.writing = [(a.follow.description, a.avoid.description) for a in attributes]
         n_p, n_a = len(principles), len(attributes)
         self.width = 2 * n_a + 1
         base = torch.full((len(self.statements), self.width), 0.0)
@@ -59,6 +60,25 @@ class SimSummarizer(nn.Module):
                 base[avoid, n_a + a] += STEREOTYPE_STRENGTH * abs(weight)
         self.register_buffer("base_map", base)
         self.adapters = nn.ParameterDict()
+
+    def describe_writing(self, evidence: np.ndarray) -> str:
+        """The catalog's description of the attribute side with the most evidence, and of up to
+        SUMMARY_LENGTH − 1 more with nearly as much: the salient traits, as a short description gives."""
+        order = [int(i) for i in np.argsort(-np.abs(evidence), kind="stable") if evidence[i] != 0][:SUMMARY_LENGTH]
+        if not order:
+            return "Writes plainly, with no particular style."
+        order = [i for i in order if abs(evidence[i]) >= 0.5 * abs(evidence[order[0]])]
+        return " ".join(self.writing[i][0 if evidence[i] > 0 else 1] for i in order)
+
+    def describe_preference(self, signal: np.ndarray, threshold: float = 0.05) -> str:
+        """Preference statements for the principle whose markers differ most between the best and the
+        worst answer, and for up to SUMMARY_LENGTH − 1 more that differ nearly as much."""
+        n_p = len(signal)
+        order = [int(i) for i in np.argsort(-np.abs(signal), kind="stable") if abs(signal[i]) > threshold][:SUMMARY_LENGTH]
+        if not order:
+            return "This user shows no clear preference."
+        order = [i for i in order if abs(signal[i]) >= 0.5 * abs(signal[order[0]])]  # a weak second difference is noise
+        return " ".join(self.statements[i if signal[i] > 0 else n_p + i] for i in order)
 
     def features(self, evidence: np.ndarray) -> torch.Tensor:
         """h from signed attribute evidence (one row per request)."""

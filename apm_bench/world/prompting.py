@@ -85,6 +85,37 @@ def summarize_messages(history: list[str]) -> tuple[str, str]:
     return SUMMARIZE_INSTRUCTION, history_block(history) if history else "(no earlier messages)"
 
 
+VIBE_INSTRUCTION = (
+    "Below are messages one user has written. Describe this user in two or three sentences: how they "
+    "write, what they seem to know and care about, and which kind of answers would suit them. Be concrete. "
+    "Reply with the description only."
+)
+
+PREFERENCE_INSTRUCTION = (
+    "Below is a request a user made, the answer they rated best and the answer they rated worst. In two or "
+    "three sentences, say which style of answer this user prefers and which they dislike, judging by how "
+    "the two answers differ in tone, length, structure, detail and wording. Describe the preference in "
+    "general terms, without referring to the two answers. Reply with the description only."
+)
+
+
+def vibe_messages(history: list[str]) -> tuple[str, str]:
+    """(system, user) contents of the request for a user's "vibe" description (rag-advanced's key)."""
+    return VIBE_INSTRUCTION, history_block(history) if history else "(no earlier messages)"
+
+
+def preference_messages(prompt: str, best: str, worst: str) -> tuple[str, str]:
+    """(system, user) contents of the request for what a rated pair says about a user (rag-advanced's value)."""
+    return PREFERENCE_INSTRUCTION, example_block(prompt, best, worst)
+
+
+def preferences_context(preferences: list[str]) -> str:
+    """rag-advanced's system prompt: what similar users prefer, never their histories or examples."""
+    listed = "\n".join(f"- {p.strip()}" for p in preferences)
+    return ("Users similar to this one have shown these preferences about how answers are written:\n"
+            f"{listed}\nAnswer the user's message in the style these preferences describe, without mentioning them.")
+
+
 def summary_context(summary: str) -> str:
     """The generator sees the summary only, never the history it came from."""
     return f"What we know about this user's preferences: {summary.strip()}\nAnswer their message accordingly."
