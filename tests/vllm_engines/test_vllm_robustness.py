@@ -3,6 +3,7 @@ interface as every test generation, so the check needs nothing vLLM-specific; th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ def test_robustness_runs_with_the_generator_on_vllm(generator_dir: Path, tmp_pat
     (folder,) = list((tmp_path / "out").iterdir())
     answers = pd.read_parquet(folder / "answers.parquet")
     assert sorted(answers["method"].unique()) == ["baseline", "rag", "routing"] and len(answers) == 3 * 13
-    assert answers["generation_error"].isna().all() and (answers["response"].str.len() > 0).all()
+    assert answers["generation_error"].isna().all()  # a random model may still end a reply at once
+    costs = json.loads((folder / "robustness.json").read_text())["costs"]
+    assert costs["phase:generation"]["requests"] == 3 * 13 and costs["engines"]["engine_loads"] == 1
     table = pd.read_csv(folder / "robustness.csv")
     assert table.groupby("benchmark")["n"].first().to_dict() == {"bbq": 3, "mmlu-pro": 5, "truthfulqa": 5}
