@@ -333,6 +333,62 @@ def leaderboard(
         console.print(f"wrote {path}")
 
 
+@app.command()
+def robustness(
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="method(s) to check; the baseline always runs"),
+    model: Optional[str] = typer.Option(None, help="generator: a real model (alias, hub id or local path)"),
+    backend: Optional[str] = typer.Option(None, help="engine for --model: hf, vllm or openai"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server for --backend openai"),
+    candidate_model: Optional[str] = typer.Option(None, "--candidate-model", help="model writing the fit's candidates (default sim-large)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="judge of the fit's candidates (default sim-judge)"),
+    writer_model: Optional[str] = typer.Option(None, "--writer-model", help="history writer (default sim)"),
+    roles: Optional[str] = typer.Option(None, "--roles", help="fill unset roles: 'same' or 'paper'"),
+    mmlu_pro: Optional[str] = typer.Option(None, "--mmlu-pro", help="MMLU-Pro: file, folder or hub id (TIGER-Lab/MMLU-Pro)"),
+    truthfulqa: Optional[str] = typer.Option(None, "--truthfulqa", help="TruthfulQA mc1: file, folder or hub id (truthfulqa/truthful_qa)"),
+    bbq: Optional[str] = typer.Option(None, "--bbq", help="BBQ: file, folder or hub id (heegyu/bbq)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="questions per benchmark (default all; the authors' quick check: 200)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="question order, TruthfulQA choice order, user pairing (default 42)"),
+    world: Optional[int] = typer.Option(None, "--world", help="world seed the methods are fitted on (default 0)"),
+    users: Optional[int] = typer.Option(None, help="users in the population (default 400)"),
+    history_len: Optional[int] = typer.Option(None, "--history-len", help="past messages per user"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="answer budget (default 1024)"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="call cache file (default .apm-cache/calls.sqlite)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the call cache"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options for the fits (CLI options win)"),
+    out: Optional[Path] = typer.Option(None, help="where robustness folders go (default results/robustness)"),
+) -> None:
+    """Accuracy on MMLU-Pro, TruthfulQA and BBQ with each method's personalization vs the baseline."""
+    from apm_bench.run.config import load_config
+    from apm_bench.run.robustness import robustness_config, run_robustness
+
+    overrides = {"methods": _split(method), "model": model, "backend": backend, "base_url": base_url,
+                 "candidate_model": candidate_model, "judge_model": judge_model, "writer_model": writer_model,
+                 "roles": roles, "users": users, "history_len": history_len, "max_tokens": max_tokens, "cache": cache}
+    run_config = load_config(config, overrides)
+    if no_cache:
+        run_config = run_config.model_copy(update={"cache": None})
+    check = robustness_config(run_config, {"mmlu-pro": mmlu_pro, "truthfulqa": truthfulqa, "bbq": bbq},
+                              limit=limit, seed=seed, world=world, out=out)
+    import pandas as pd
+
+    from apm_bench.reporting.robustness import robustness_table, write_robustness
+
+    with _progress_bar(40) as bar:
+        task = bar.add_task("preparing", total=None)
+        result = run_robustness(check, progress=lambda s, d, t: bar.update(task, description=s, completed=d, total=t))
+    folder = write_robustness(result, time.perf_counter() - PROCESS_START)
+    table = Table(title="accuracy, and Δ vs baseline on the same questions")
+    for column in ("benchmark", "method", "n", "accuracy", "95 % CI", "Δ", "Δ 95 % CI", "unparseable"):
+        table.add_column(column)
+    for row in robustness_table(result.metrics).itertuples():
+        delta = "–" if pd.isna(row.delta) else f"{row.delta:+.3f}"
+        delta_ci = "–" if pd.isna(row.delta) else f"[{row.delta_ci_low:+.3f}, {row.delta_ci_high:+.3f}]"
+        table.add_row(row.benchmark, escape(row.method), str(row.n), f"{row.accuracy:.3f}",
+                      f"[{row.ci_low:.3f}, {row.ci_high:.3f}]", delta, delta_ci, str(row.unparseable))
+    console.print(table)
+    console.print(f"wrote [bold]{folder}[/bold] in {time.perf_counter() - PROCESS_START:.1f} s")
+
+
 def main() -> None:
     """Entry point: bad input becomes one `error: …` line on stderr and a non-zero exit code."""
     try:

@@ -27,6 +27,10 @@ class PromptFileError(ApmError):
     """A prompt file or conversation file is missing or malformed."""
 
 
+class QuestionFileError(ApmError):
+    """A benchmark question file (MMLU-Pro, TruthfulQA, BBQ) is missing, malformed or empty."""
+
+
 class UnknownNameError(ApmError):
     """A name (method, model, backend) is not registered."""
 

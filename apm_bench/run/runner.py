@@ -79,11 +79,13 @@ def artifact_store(config: RunConfig) -> ArtifactStore:
     return ArtifactStore(Path(tempfile.mkdtemp(prefix="apm-artifacts-")))
 
 
-def plan_methods(config: RunConfig) -> list[MethodVariant]:
+def plan_methods(config: RunConfig, references: tuple[str, ...] | None = None) -> list[MethodVariant]:
     """The reference rows first (baseline, oracle for gain, prior, and the bound gain is measured
-    against where that is another method), then the asked methods."""
-    references = list(REFERENCES) + ([config.gain_against] if config.gain_against not in REFERENCES else [])
-    names = references + [m for m in config.methods if m not in references]
+    against where that is another method), then the asked methods. A study that needs other
+    references (the robustness check compares with the baseline alone) names its own."""
+    if references is None:
+        references = REFERENCES + ((config.gain_against,) if config.gain_against not in REFERENCES else ())
+    names = list(references) + [m for m in config.methods if m not in references]
     variants: list[MethodVariant] = []
     for name in names:
         cls = METHODS.get(name)
@@ -151,7 +153,7 @@ def apply_control(world: World, config: RunConfig) -> dict[str, tuple[str, ...]]
     return histories
 
 
-class _Stages:
+class Stages:
     """Stage announcements for the progress display, plus detail lines within the current stage."""
 
     def __init__(self, progress: Progress | None, total: int) -> None:
@@ -172,7 +174,7 @@ class _Stages:
             self.progress(f"{self.current}: {text}", min(max(self.started - 1, 0), self.total), self.total)
 
 
-class _Stopwatch:
+class Stopwatch:
     """Cost per stage: seconds, call counts, tokens, and the cache hits/misses during the stage."""
 
     def __init__(self, engines: Engines) -> None:
@@ -208,7 +210,7 @@ def run_benchmark(
 ) -> RunResult:
     """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
     variants = plan_methods(config)
-    say = _Stages(progress, total=len(config.worlds) * len(variants) + 6)
+    say = Stages(progress, total=len(config.worlds) * len(variants) + 6)
     say("population")
     catalog = load_pool_catalog(config)
     if config.conversations_file is None:
@@ -227,34 +229,27 @@ def _run_all(
     catalog: Catalog,
     population: Population,
     engines: Engines,
-    say: _Stages,
+    say: Stages,
 ) -> RunResult:
     """The run in phases that each need one role, so every engine gets the largest batches and is
     loaded as few times as possible: candidates (candidate writer), their ratings (judge), the fits
     (the generator or judge only where a method needs them), every test generation of every world
     and method in one batch (generator), then all their ratings (judge)."""
-    watch = _Stopwatch(engines)
+    watch = Stopwatch(engines)
     store = artifact_store(config)
     training: list[dict[str, Any]] = []
     label_training: list[tuple[str, str, float, int]] = []
-    worlds = [
-        build_world(
-            population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
-            config.validation_fraction, config.test_fraction,
-            split_seed=world_seed if config.split_per_world else config.data_seed,
-        )
-        for world_seed in config.worlds
-    ]
+    worlds = build_worlds(config, population, catalog)
     with_test_users = any(METHODS.get(v.method).needs_test_feedback for v in variants)
-    bank = _rated_candidates(config, catalog, engines, worlds, watch, say, with_test_users)
-    planned: list[_Planned] = []
+    bank = rated_candidates(config, catalog, engines, worlds, watch, say, with_test_users)
+    planned: list[Planned] = []
     for world in worlds:
-        context, test_users = _fit_context(world, config, catalog, engines, bank, say, store)
+        context, test_users = fit_context(world, config, catalog, engines, bank, say, store)
         test_feedback = FeedbackOracle(bank, {u.id: world.targets[u.id] for u in test_users}) if with_test_users else None
         for variant in variants:
             say(f"world {world.seed}: {variant.label}")
             planned.append(_fit(variant, world, context, test_users, config, watch, training, test_feedback, label_training))
-    generations = _generate_all(planned, engines, watch, say)
+    generations = generate_all(planned, engines, watch, say)
     ratings = _rate_all(planned, generations, engines, watch, say)
     samples = pd.concat([_world_frame(planned, generations, ratings, world.seed) for world in worlds], ignore_index=True)
     say("metrics")
@@ -271,8 +266,20 @@ def _run_all(
     return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics)
 
 
+def build_worlds(config: RunConfig, population: Population, catalog: Catalog) -> list[World]:
+    """One world (a draw of C, its targets and split) per world seed of the config."""
+    return [
+        build_world(
+            population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
+            config.validation_fraction, config.test_fraction,
+            split_seed=world_seed if config.split_per_world else config.data_seed,
+        )
+        for world_seed in config.worlds
+    ]
+
+
 @dataclass
-class _Planned:
+class Planned:
     """One (world, method): its test users and prompts and what the method sends for each."""
 
     world: World
@@ -285,8 +292,8 @@ class _Planned:
     rating_seed: int = 0
 
 
-def _rated_candidates(
-    config: RunConfig, catalog: Catalog, engines: Engines, worlds: list[World], watch: _Stopwatch, say: _Stages,
+def rated_candidates(
+    config: RunConfig, catalog: Catalog, engines: Engines, worlds: list[World], watch: Stopwatch, say: Stages,
     with_test_users: bool = False,
 ) -> CandidateBank:
     """Phases 2 and 3: candidates for the training-side users of every world, then their ratings;
@@ -307,13 +314,13 @@ def _rated_candidates(
     return bank
 
 
-def _fit_context(
+def fit_context(
     world: World,
     config: RunConfig,
     catalog: Catalog,
     engines: Engines,
     bank: CandidateBank,
-    say: _Stages,
+    say: Stages,
     store: ArtifactStore,
 ) -> tuple[FitContext, list[UserView]]:
     histories = apply_control(world, config)
@@ -340,26 +347,39 @@ def _fit_context(
     return context, [UserView(id=uid, history=histories[uid]) for uid in world.split.test]
 
 
+def fit_method(
+    variant: MethodVariant,
+    world: World,
+    context: FitContext,
+    test_users: list[UserView],
+    test_feedback: FeedbackOracle | None = None,
+) -> Personalizer:
+    """A method fitted on one world as every run fits it; evaluation-only bounds are handed the
+    targets (or feedback) of exactly these test users and nothing else."""
+    method: Personalizer = METHODS.get(variant.method)(**variant.options)
+    if method.evaluation_only:
+        method.reveal_targets({u.id: world.targets[u.id] for u in test_users})
+    if method.needs_test_feedback and test_feedback is not None:
+        method.reveal_feedback(test_feedback)
+    method.fit(context)
+    return method
+
+
 def _fit(
     variant: MethodVariant,
     world: World,
     context: FitContext,
     test_users: list[UserView],
     config: RunConfig,
-    watch: _Stopwatch,
+    watch: Stopwatch,
     training: list[dict[str, Any]],
     test_feedback: FeedbackOracle | None = None,
     label_training: list[tuple[str, str, float, int]] | None = None,
-) -> _Planned:
+) -> Planned:
     """Phase 4 for one (world, method): fit, then turn every test user's prompt into a request."""
-    method: Personalizer = METHODS.get(variant.method)(**variant.options)
-    if method.evaluation_only:
-        method.reveal_targets({u.id: world.targets[u.id] for u in test_users})
-    if method.needs_test_feedback and test_feedback is not None:
-        method.reveal_feedback(test_feedback)
     calls_before = context.feedback.calls
     watch.start()
-    method.fit(context)
+    method = fit_method(variant, world, context, test_users, test_feedback)
     prompts = [world.users[u.id].prompt for u in test_users]
     personalizations = method.personalize_many(test_users, prompts)
     records = method.training_records()
@@ -382,10 +402,10 @@ def _fit(
         )
         for u, p in zip(test_users, personalizations)
     ]
-    return _Planned(world, variant, test_users, prompts, personalizations, requests, 0 if shared else world.seed)
+    return Planned(world, variant, test_users, prompts, personalizations, requests, 0 if shared else world.seed)
 
 
-def _generate_all(planned: list[_Planned], engines: Engines, watch: _Stopwatch, say: _Stages) -> list[list[Any]]:
+def generate_all(planned: list[Planned], engines: Engines, watch: Stopwatch, say: Stages) -> list[list[Any]]:
     """Phase 5: every method's test generations of every world, one batch for the generator."""
     requests = [r for plan in planned for r in plan.requests]
     say(f"generation: {len(requests)} responses")
@@ -408,7 +428,7 @@ def _generate_all(planned: list[_Planned], engines: Engines, watch: _Stopwatch, 
 
 
 def _rate_all(
-    planned: list[_Planned], generations: list[list[Any]], engines: Engines, watch: _Stopwatch, say: _Stages
+    planned: list[Planned], generations: list[list[Any]], engines: Engines, watch: Stopwatch, say: Stages
 ) -> list[list[Any]]:
     """Phase 6: the judge rates every response on each of its user's targets, one batch. A response
     that could not be generated is not judged: its ratings stay empty and the sample counts as a
@@ -438,7 +458,7 @@ def _rate_all(
     return ratings
 
 
-def _world_frame(planned: list[_Planned], generations: list[list[Any]], ratings: list[list[Any]], seed: int) -> pd.DataFrame:
+def _world_frame(planned: list[Planned], generations: list[list[Any]], ratings: list[list[Any]], seed: int) -> pd.DataFrame:
     """One row per (test user, method) of one world, with the baseline's reward beside each."""
     rows: list[dict[str, Any]] = []
     for plan, mine, rated in zip(planned, generations, ratings):
