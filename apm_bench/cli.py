@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from apm_bench.errors import ApmError
+
+if TYPE_CHECKING:
+    from apm_bench.run.config import RunConfig
 
 PROCESS_START = time.perf_counter()
 app = typer.Typer(
@@ -46,8 +52,7 @@ def _worlds(value: Optional[str]) -> Optional[list[int]]:
     return list(range(count))
 
 
-@app.command()
-def run(
+def _run_options(
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="method(s) to evaluate; baseline, oracle and prior always run"),
     model: Optional[str] = typer.Option(None, help="generator: alias, hub id or local path (default sim-large)"),
     backend: Optional[str] = typer.Option(None, help="engine for --model: sim, hf, vllm or openai (default: the alias's)"),
@@ -75,7 +80,8 @@ def run(
     n_perm: Optional[int] = typer.Option(None, "--n-perm", help="overlaid signed permutations in C"),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="'paper': the APM authors' protocol for every option left unset (docs/protocol.md)"),
     max_targets: Optional[int] = typer.Option(None, "--max-targets", help="score only the k principles with the largest |r| (the paper: k = n_attr)"),
-    history_len: Optional[int] = typer.Option(None, "--history-len", help="past messages per user (default 4)"),
+    history_len: Optional[int] = typer.Option(None, "--history-len", help="past messages per user (default 8)"),
+    train_users: Optional[int] = typer.Option(None, "--train-users", help="fit on at most N training users (a nested, stratified subset; test users unchanged)"),
     label_strategy: Optional[list[str]] = typer.Option(None, "--label-strategy", help="routing labels: abs, abs_two_sided, margin, regression or all"),
     control: Optional[str] = typer.Option(None, help="no-history or shuffled-history"),
     data_seed: Optional[int] = typer.Option(None, "--data-seed", help="seed of the user population and split (default 0)"),
@@ -91,56 +97,53 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options (CLI options win)"),
     out: Optional[Path] = typer.Option(None, help="where run folders go (default results/runs)"),
 ) -> None:
-    """Run the benchmark and write results/runs/<run-id>/."""
+    """The options of every command that runs the benchmark (`apm run`, `apm curve`), declared once."""
+
+
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` every option of `_run_options` after its own; it gets their values as one dict,
+    `options`, so a new run option reaches every such command at once."""
+    shared = inspect.signature(_run_options, eval_str=True).parameters
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "options"]
+
+    @functools.wraps(command)
+    def wrapper(**values: Any) -> None:
+        command(options={name: values.pop(name) for name in shared}, **values)
+
+    parameters = own + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared.values()]
+    wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+#: run options named otherwise than their RunConfig field, and those that are no field
+_FIELD_OF_OPTION = {"method": "methods", "balanced": "balanced_population", "principles": "principles_dir",
+                    "personas": "personas_dir", "prompts": "prompts_file", "test_prompts": "test_prompts_file",
+                    "conversations": "conversations_file", "test_conversations": "test_conversations_file"}
+_NOT_FIELDS = ("config", "no_cache", "summaries")
+
+
+def _run_config(options: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a command's run options: defaults ← --config file ← the options given."""
     from apm_bench.run.config import load_config
 
-    overrides = {
-        "methods": _split(method),
-        "model": model,
-        "backend": backend,
-        "base_url": base_url,
-        "judge_model": judge_model,
-        "judge_backend": judge_backend,
-        "judge_url": judge_url,
-        "judge_weighted": judge_weighted,
-        "judge_reasoning_effort": judge_reasoning_effort,
-        "judge_max_tokens": judge_max_tokens,
-        "judge_temperature": judge_temperature,
-        "candidate_model": candidate_model,
-        "writer_model": writer_model,
-        "roles": roles,
-        "allow_simulated_roles": allow_simulated_roles,
-        "engine_budget": engine_budget,
-        "max_tokens": max_tokens,
-        "cache": cache,
-        "worlds": _worlds(worlds),
-        "users": users,
-        "n_attr": n_attr,
-        "pool": pool,
-        "mapping": mapping,
-        "n_perm": n_perm,
-        "max_targets": max_targets,
-        "protocol": protocol,
-        "history_len": history_len,
-        "label_strategy": _split(label_strategy),
-        "control": control,
-        "data_seed": data_seed,
-        "balanced_population": balanced,
-        "split_per_world": split_per_world,
-        "principles_dir": principles,
-        "personas_dir": personas,
-        "prompts_file": prompts,
-        "test_prompts_file": test_prompts,
-        "conversations_file": conversations,
-        "test_conversations_file": test_conversations,
-        "out": out,
-    }
-    run_config = load_config(config, overrides)
-    if no_cache:
+    parsed = {**options, "method": _split(options["method"]), "label_strategy": _split(options["label_strategy"]),
+              "worlds": _worlds(options["worlds"])}
+    overrides = {_FIELD_OF_OPTION.get(name, name): value for name, value in parsed.items() if name not in _NOT_FIELDS}
+    run_config = load_config(options["config"], overrides)
+    if options["no_cache"]:
         run_config = run_config.model_copy(update={"cache": None})
-    if summaries is not None:
-        options = {**run_config.method_options, "popi": {**run_config.method_options.get("popi", {}), "summaries_file": summaries}}
-        run_config = run_config.model_copy(update={"method_options": options})
+    if options["summaries"] is not None:
+        popi = {**run_config.method_options.get("popi", {}), "summaries_file": options["summaries"]}
+        run_config = run_config.model_copy(update={"method_options": {**run_config.method_options, "popi": popi}})
+    return run_config
+
+
+@app.command()
+@_with_run_options
+def run(options: dict[str, Any]) -> None:
+    """Run the benchmark and write results/runs/<run-id>/."""
+    run_config = _run_config(options)
 
     from apm_bench.reporting.results import write_run
     from apm_bench.run.runner import run_benchmark
@@ -387,6 +390,51 @@ def robustness(
                       f"[{row.ci_low:.3f}, {row.ci_high:.3f}]", delta, delta_ci, str(row.unparseable))
     console.print(table)
     console.print(f"wrote [bold]{folder}[/bold] in {time.perf_counter() - PROCESS_START:.1f} s")
+
+
+@app.command()
+@_with_run_options
+def curve(
+    vary: tuple[str, str] = typer.Option(..., "--vary", metavar="FIELD V1,V2,...",
+                                         help="the run option to vary and its values: history_len, train_users, users or pool"),
+    *,
+    options: dict[str, Any],
+) -> None:
+    """A learning curve: one run per value, then each method's Δ with its CI against the value
+    (curve.json, curve.csv, curve.png; --out is where curve folders go, default results/curves)."""
+    from apm_bench.reporting.curve import CURVE_FIELDS, parse_values, run_curve
+
+    field, text = vary
+    CURVE_FIELDS.get(field)
+    if options.get(field) is not None:
+        raise ApmError(f"--vary {field} sets {field} itself; drop --{field.replace('_', '-')}")
+    values = parse_values(text)
+    base = _run_config({**options, "out": options["out"] or Path("results/curves")})
+    with _progress_bar(60) as bar:
+        points = bar.add_task("points", total=None)
+        stage = bar.add_task("preparing", total=None)
+
+        def on_point(name: str, done: int, total: int) -> None:
+            bar.update(points, description=f"point {name}", completed=done, total=total)
+
+        def show(text: str, done: int, total: int) -> None:
+            bar.update(stage, description=text, completed=done, total=total)
+
+        folder, record = run_curve(base, field, values, on_point, show)
+    _print_curve(record)
+    console.print(f"wrote [bold]{folder}[/bold] ({len(record.runs)} runs) in {record.wall_seconds:.1f} s")
+
+
+def _print_curve(record) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title=f"Δ score vs baseline by {record.field}, pooled over worlds")
+    for column in (record.field, "method", "n", "Δ score", "95 % CI", "gain"):
+        table.add_column(column)
+    for value in record.values:
+        for p in (p for p in record.points if p.value == value):
+            gain = "–" if p.gain is None else f"{p.gain:.2f}"
+            table.add_row(str(value), escape(p.method), str(p.n_users), f"{p.delta:+.3f}", f"[{p.ci_low:+.3f}, {p.ci_high:+.3f}]", gain)
+        table.add_section()
+    console.print(table)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from apm_bench.judging.label_diagnostics import LabelDiagnostics
 from apm_bench.judging.metrics import MethodMetrics
 from apm_bench.run.config import RunConfig
-from apm_bench.run.runner import BASELINE, RunResult
+from apm_bench.run.runner import BASELINE, ORACLE, PRIOR, RunResult
 
 SIM_NOTE = (
     "> These numbers come from the embedded style simulator: they show whether a method infers and "
@@ -56,7 +56,8 @@ def render_report(result: RunResult, run_id: str, wall_seconds: float) -> str:
     sections = [
         f"# apm-bench run `{run_id}`",
         SIM_NOTE if config.model.startswith("sim") else "",
-        f"Model **{config.model}** · worlds {config.worlds} · {config.users} users · n_attr {config.n_attr} · "
+        f"Model **{config.model}** · worlds {config.worlds} · {config.users} users"
+        f"{'' if config.train_users is None else f' (training capped at {config.train_users})'} · n_attr {config.n_attr} · "
         f"pool {config.pool} · mapping {config.mapping} (n_perm {config.n_perm}) · history {config.history_len} "
         f"· control {config.control or 'none'} · population {result.population_source} · {wall_seconds:.1f} s",
         f"Baseline mean reward (pooled): {baseline.mean_reward:.3f}" if baseline else "",
@@ -186,6 +187,50 @@ def plot_deltas(metrics: list[MethodMetrics], path: Path) -> None:
     axis.axhline(0, color="grey", linewidth=0.8)
     axis.set_xticks(list(positions), [m.method for m in pooled], rotation=30, ha="right")
     axis.set_ylabel("Δ score vs baseline (95 % CI)")
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)
+
+
+#: reference rows drawn as such on a curve: the oracle bounds every method from above
+CURVE_REFERENCES = {ORACLE: {"color": "#555555", "linestyle": "--", "label": "oracle (upper bound)"},
+                    "oracle-router": {"color": "#555555", "linestyle": "-.", "label": "oracle-router (upper bound)"},
+                    PRIOR: {"color": "#999999", "linestyle": ":", "label": "prior (reads no history)"}}
+
+
+def geometric(values: list[int]) -> bool:
+    """Three or more positive values growing by a near-constant factor: they belong on a log axis."""
+    ordered = sorted(values)
+    if len(ordered) < 3 or ordered[0] <= 0:
+        return False
+    ratios = [b / a for a, b in zip(ordered, ordered[1:])]
+    return min(ratios) > 1 and max(ratios) / min(ratios) < 1.15
+
+
+def plot_curve(field: str, points, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Δ with its 95 % CI band against the varied setting, one line per method; the baseline is the
+    zero line (its Δ is 0 by definition), other reference rows are grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sorted(points["value"].unique())
+    figure, axis = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    axis.axhline(0, color="black", linewidth=0.8, label="baseline (Δ = 0)")
+    for method, rows in points.groupby("method", sort=False):
+        rows = rows.sort_values("value")
+        style = CURVE_REFERENCES.get(str(method), {"label": str(method)})
+        line = axis.plot(rows["value"], rows["delta"], marker="o", markersize=4, linewidth=1.4, **style)[0]
+        axis.fill_between(rows["value"], rows["ci_low"], rows["ci_high"], color=line.get_color(),
+                          alpha=0.12 if method in CURVE_REFERENCES else 0.22, linewidth=0)
+    if geometric(values):
+        axis.set_xscale("log")
+        axis.minorticks_off()
+    axis.set_xticks(values, [str(v) for v in values])
+    axis.set_xlabel(field)
+    axis.set_ylabel("Δ score vs baseline (95 % CI)")
+    axis.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     figure.savefig(path, metadata={"Software": None})
     plt.close(figure)

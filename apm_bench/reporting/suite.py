@@ -14,13 +14,16 @@ import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apm_bench.errors import ConfigError, first_error
 from apm_bench.run.config import Control, MappingKind, RunConfig
+
+if TYPE_CHECKING:
+    from apm_bench.methods.embedder import HistoryEmbedder
 
 
 class SuiteConfig(BaseModel):
@@ -85,18 +88,36 @@ def run_suite(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Path]:
     """Run every setting and record each run; returns the run folders."""
-    from apm_bench.reporting.results import write_run
-    from apm_bench.run.runner import plan_methods, prepare, run_benchmark
+    return run_plans(plan_suite(suite, only), on_setting, progress)
 
-    plans = plan_suite(suite, only)
-    for _, config in plans:  # bad methods, options or catalogs fail before the first run
+
+def check_plans(configs: list[RunConfig]) -> None:
+    """Bad methods, options, catalogs or sizes in any planned run fail before the first run starts."""
+    from apm_bench.run.runner import plan_methods, prepare
+
+    for config in configs:
         plan_methods(config)
         prepare(config)
+
+
+def run_plans(
+    plans: list[tuple[str, RunConfig]],
+    on_setting: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    embedder: HistoryEmbedder | None = None,
+) -> list[Path]:
+    """Check every (name, config), then run and record each in turn; runs sharing a call cache
+    compute what they have in common once (an `embedder` shares its loaded model and memo too).
+    Returns the run folders, in plan order."""
+    from apm_bench.reporting.results import write_run
+    from apm_bench.run.runner import run_benchmark
+
+    check_plans([config for _, config in plans])
     folders = []
     for index, (name, config) in enumerate(plans):
         if on_setting is not None:
             on_setting(name, index, len(plans))
         started = time.perf_counter()
-        result = run_benchmark(config, progress=progress)
+        result = run_benchmark(config, progress=progress, embedder=embedder)
         folders.append(write_run(result, time.perf_counter() - started))
     return folders

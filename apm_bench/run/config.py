@@ -89,6 +89,13 @@ class RunConfig(BaseModel):
     n_perm: int = Field(default=1, ge=1, description="overlaid signed permutations in C")
     max_targets: int | None = Field(default=None, ge=1, description="keep only the largest |r| entries as targets")
     history_len: int = Field(default=8, ge=0, description="past messages per user")
+    drawn_history_len: int | None = Field(
+        default=None, ge=0, description="past messages drawn per simulated user, of which methods see the first "
+                                        "history_len (None: history_len); a history-length curve sets its longest "
+                                        "length, so shorter histories are prefixes of the same users' histories")
+    train_users: int | None = Field(
+        default=None, ge=1, description="at most this many training users to fit on: a nested, stratified subset "
+                                        "(validation and test users unchanged; None: all)")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     label_strategy: list[str] = Field(default_factory=lambda: ["margin"], min_length=1)
@@ -177,6 +184,12 @@ class RunConfig(BaseModel):
     def _weighted_judge_on_ten_points(self) -> "RunConfig":
         if self.judge_weighted and self.judge_scale != 10:
             raise ValueError("judge_weighted reads the scores 1..10 from one token; it needs judge_scale 10")
+        return self
+
+    @model_validator(mode="after")
+    def _drawn_history(self) -> "RunConfig":
+        if self.drawn_history_len is not None and self.drawn_history_len < self.history_len:
+            raise ValueError(f"drawn_history_len {self.drawn_history_len} is shorter than history_len {self.history_len}")
         return self
 
     @model_validator(mode="after")

@@ -136,7 +136,7 @@ def _evaluate(
     run = config.fit_config()
     watch = Stopwatch(engines)
     training: list[dict[str, Any]] = []
-    world = build_worlds(run, population, catalog)[0]
+    world = build_worlds(run, catalog, population)[0]
     with_test_users = any(METHODS.get(v.method).needs_test_feedback for v in variants)
     bank = rated_candidates(run, catalog, engines, [world], watch, say, with_test_users)
     context, test_users = fit_context(world, run, catalog, engines, bank, say, artifact_store(run))

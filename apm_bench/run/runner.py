@@ -35,7 +35,13 @@ from apm_bench.run.engines import Engines, build_engines, check_roles
 from apm_bench.sim.style import stable_seed
 from apm_bench.sim.writer import SimHistoryWriter
 from apm_bench.world.catalog import Catalog, load_catalog
-from apm_bench.world.histories import HistoryWriter, Population, build_population, import_reference_conversations
+from apm_bench.world.histories import (
+    HistoryWriter,
+    Population,
+    build_population,
+    import_reference_conversations,
+    keep_history,
+)
 from apm_bench.world.prompts import NeutralPrompt, load_prompts, split_prompt_pools
 from apm_bench.world.world import World, build_world
 
@@ -116,11 +122,16 @@ def load_population(config: RunConfig, catalog: Catalog, writer: HistoryWriter |
         return import_reference_conversations(config.conversations_file, catalog, config.history_len,
                                               config.test_conversations_file)
     prompts, test_prompts = prompt_pools(config)
-    return build_population(
+    population = build_population(
         catalog, prompts, writer or SimHistoryWriter(catalog, config.writer), config.users, config.n_attr,
-        config.history_len, config.data_seed, balanced=config.balanced_population, test_prompts=test_prompts,
+        drawn_history_len(config), config.data_seed, balanced=config.balanced_population, test_prompts=test_prompts,
         test_users=round(config.users * config.test_fraction) if test_prompts is not None else 0,
     )
+    return population if config.drawn_history_len is None else keep_history(population, config.history_len)
+
+
+def drawn_history_len(config: RunConfig) -> int:
+    return config.history_len if config.drawn_history_len is None else config.drawn_history_len
 
 
 def prompt_pools(config: RunConfig) -> tuple[list[NeutralPrompt], list[NeutralPrompt] | None]:
@@ -130,7 +141,7 @@ def prompt_pools(config: RunConfig) -> tuple[list[NeutralPrompt], list[NeutralPr
     if config.test_prompts_file is not None:
         return prompts, load_prompts(config.test_prompts_file)
     if config.disjoint_test_prompts:
-        return split_prompt_pools(prompts, config.test_fraction, config.history_len + 1, config.data_seed)
+        return split_prompt_pools(prompts, config.test_fraction, drawn_history_len(config) + 1, config.data_seed)
     return prompts, None
 
 
@@ -138,7 +149,21 @@ def prepare(config: RunConfig, writer: HistoryWriter | None = None) -> tuple[Cat
     """Load and validate every input; raises ApmError before anything is computed or written."""
     check_roles(config)
     catalog = load_pool_catalog(config)
-    return catalog, load_population(config, catalog, writer)
+    population = load_population(config, catalog, writer)
+    build_worlds(config, catalog, population)  # e.g. more train_users than a world has
+    return catalog, population
+
+
+def build_worlds(config: RunConfig, catalog: Catalog, population: Population) -> list[World]:
+    """One world (a draw of C, its targets and split) per world seed of the config."""
+    return [
+        build_world(
+            population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
+            config.validation_fraction, config.test_fraction,
+            split_seed=world_seed if config.split_per_world else config.data_seed, train_users=config.train_users,
+        )
+        for world_seed in config.worlds
+    ]
 
 
 def apply_control(world: World, config: RunConfig) -> dict[str, tuple[str, ...]]:
@@ -215,6 +240,8 @@ def run_benchmark(
     catalog = load_pool_catalog(config)
     if config.conversations_file is None:
         prompt_pools(config)  # a bad prompt file fails before any engine starts
+    if config.train_users is not None:  # so does a cap larger than a world's training set
+        build_worlds(config, catalog, load_population(config, catalog))
     engines = build_engines(config, catalog, embedder)
     try:
         population = load_population(config, catalog, engines.history_writer)
@@ -239,7 +266,7 @@ def _run_all(
     store = artifact_store(config)
     training: list[dict[str, Any]] = []
     label_training: list[tuple[str, str, float, int]] = []
-    worlds = build_worlds(config, population, catalog)
+    worlds = build_worlds(config, catalog, population)
     with_test_users = any(METHODS.get(v.method).needs_test_feedback for v in variants)
     bank = rated_candidates(config, catalog, engines, worlds, watch, say, with_test_users)
     planned: list[Planned] = []
@@ -264,18 +291,6 @@ def _run_all(
     say("done")
     diagnostics = label_diagnostics(samples, label_training)
     return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics)
-
-
-def build_worlds(config: RunConfig, population: Population, catalog: Catalog) -> list[World]:
-    """One world (a draw of C, its targets and split) per world seed of the config."""
-    return [
-        build_world(
-            population, catalog, world_seed, config.mapping, config.n_perm, config.max_targets,
-            config.validation_fraction, config.test_fraction,
-            split_seed=world_seed if config.split_per_world else config.data_seed,
-        )
-        for world_seed in config.worlds
-    ]
 
 
 @dataclass

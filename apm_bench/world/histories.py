@@ -111,6 +111,14 @@ def build_population(
                       discarded_users=discarded, test_ids=test_ids)
 
 
+def keep_history(population: Population, history_len: int) -> Population:
+    """Every user's first `history_len` past messages, the rest of the population as it is: users
+    drawn once with long histories and cut, so shorter histories are prefixes of the same users'
+    (same prompts, same evaluation prompt) and a history-length curve compares like with like."""
+    users = [u.model_copy(update={"history": u.history[:history_len]}) for u in population.users]
+    return population.model_copy(update={"users": users})
+
+
 # --------------------------------------------------------------------------- reference format
 
 

@@ -176,6 +176,27 @@ def split_users(
     )
 
 
+def nested_order(user_ids: list[str], strata: list[str], rng: np.random.Generator) -> list[str]:
+    """The users in an order whose every prefix holds each stratum in proportion, to within one user.
+
+    Capping the training users at n keeps the first n: as balanced as the whole set (a plain random
+    subset of 50 can lean to one side of an attribute, which the prior would then score on), and
+    nested, so a larger cap keeps every user a smaller one kept and a learning curve over n measures
+    the amount of data rather than which users were drawn. Each stratum's members take evenly spaced
+    ranks from a random phase; the order depends only on the ids, strata and rng.
+    """
+    groups: dict[str, list[str]] = {}
+    for uid, key in zip(user_ids, strata):
+        groups.setdefault(key, []).append(uid)
+    keys = sorted(groups)
+    phases = rng.random(len(keys))
+    ranked: list[tuple[float, str]] = []
+    for key, phase in zip(keys, phases):
+        members = [groups[key][i] for i in rng.permutation(len(groups[key]))]
+        ranked += [((i + phase) / len(members), uid) for i, uid in enumerate(members)]
+    return [uid for _, uid in sorted(ranked)]
+
+
 def _balance_cells(role: np.ndarray, strata: list[str], rng: np.random.Generator, rounds: int = 20) -> np.ndarray:
     """Swap users between sets while that brings each set's (attribute, side) cells closer to its share.
 
