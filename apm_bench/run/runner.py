@@ -67,6 +67,8 @@ class RunResult:
     #: one entry per trained (or reused) adapter: world, method, name, steps, examples, seconds, losses
     training: list[dict[str, Any]] = field(default_factory=list)
     artifacts: ArtifactStore | None = None
+    #: the principle and attribute ids of the run's pool, in order (pools are catalog data, so record them)
+    pool_members: dict[str, list[str]] = field(default_factory=dict)
 
 
 def artifact_store(config: RunConfig) -> ArtifactStore:
@@ -99,8 +101,8 @@ def plan_methods(config: RunConfig) -> list[MethodVariant]:
 
 def load_pool_catalog(config: RunConfig) -> Catalog:
     catalog = load_catalog(config.principles_dir, config.personas_dir)
-    if config.pool > min(len(catalog.principles), len(catalog.attributes)):
-        raise ConfigError(f"pool {config.pool} is larger than the catalog ({len(catalog.principles)} principles)")
+    if config.pool > catalog.largest_pool:
+        raise ConfigError(f"pool {config.pool} is larger than the catalog's largest pool ({catalog.largest_pool})")
     if config.n_attr > config.pool:
         raise ConfigError(f"n_attr {config.n_attr} exceeds the pool size {config.pool}")
     return catalog.with_pool(config.pool)
@@ -263,7 +265,8 @@ def _run_all(
     watch.costs["embedding"] = {"texts_encoded": float(engines.embedder.encoded_texts), **{
         f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
-    return RunResult(config, samples, metrics, watch.costs, population.source, training, store)
+    members = {"principles": catalog.principle_ids, "attributes": catalog.attribute_ids}
+    return RunResult(config, samples, metrics, watch.costs, population.source, training, store, members)
 
 
 @dataclass
