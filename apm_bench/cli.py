@@ -75,7 +75,7 @@ def _run_options(
     worlds: Optional[str] = typer.Option(None, help="number of world seeds, or a comma list of seeds (default 3)"),
     users: Optional[int] = typer.Option(None, help="users in the population (default 400)"),
     n_attr: Optional[int] = typer.Option(None, "--n-attr", help="active attributes per user: 1 or 2"),
-    pool: Optional[int] = typer.Option(None, help="pool size k: principles and attributes used (2..10)"),
+    pool: Optional[int] = typer.Option(None, help="pool size k: the catalog's pool of k principles and k attributes (2, 4, 6, 8: the paper's; 10: default)"),
     mapping: Optional[str] = typer.Option(None, help="world matrix kind: permutation or dense"),
     n_perm: Optional[int] = typer.Option(None, "--n-perm", help="overlaid signed permutations in C"),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="'paper': the APM authors' protocol for every option left unset (docs/protocol.md)"),
@@ -435,6 +435,35 @@ def _print_curve(record) -> None:  # type: ignore[no-untyped-def]
             table.add_row(str(value), escape(p.method), str(p.n_users), f"{p.delta:+.3f}", f"[{p.ci_low:+.3f}, {p.ci_high:+.3f}]", gain)
         table.add_section()
     console.print(table)
+
+
+@app.command("select-attributes")
+def select_attributes(
+    ratings: Path = typer.Argument(..., help="judge ratings, responses × candidate attributes: .npy (names from "
+                                             "--names), or .csv / .parquet (column names = attribute names)"),
+    out: Path = typer.Option(..., "--out", help="new folder for pools.yaml, pool_k<k>.yaml, selection.json, scree.png"),
+    min_entropy: float = typer.Option(1.5, "--min-entropy", min=0.0, help="drop attributes whose ratings carry fewer bits"),
+    seed: int = typer.Option(0, help="seed of the parallel analysis's random data"),
+    names: Optional[Path] = typer.Option(None, "--names", help="names of a .npy file's columns: YAML (a list, or "
+                                         "candidate_attributes: [...]) or text, one per line"),
+) -> None:
+    """The paper's attribute selection: entropy filter, PCA, parallel analysis, varimax; one pool per k."""
+    from apm_bench.judging.attribute_selection import select_attributes as analyse
+    from apm_bench.judging.selection_files import check_new_folder, load_ratings, write_selection
+
+    check_new_folder(out)
+    matrix, columns = load_ratings(ratings, names)
+    result = analyse(matrix, columns, min_entropy=min_entropy, seed=seed)
+    console.print(f"{result.n_candidates} candidates, {len(result.dropped)} dropped by entropy "
+                  f"(< {min_entropy:g} bits), k95 = {result.k95} ({result.explained:.1%} of the variance)")
+    table = Table(title="one attribute per rotated component")
+    for column in ("k", "attributes (loading)"):
+        table.add_column(column)
+    for pool in result.pools:
+        table.add_row(str(pool.k), ", ".join(f"{escape(f.attribute)} ({f.loading:+.2f})" for f in pool.factors))
+    console.print(table if result.pools else "k95 < 2: no pool of two or more independent attributes")
+    for path in write_selection(result, out, ratings):
+        console.print(f"wrote {path}")
 
 
 def main() -> None:

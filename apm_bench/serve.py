@@ -305,4 +305,5 @@ def run_server(
 
     from apm_bench.world.catalog import load_catalog
 
-    uvicorn.run(create_app(catalog or load_catalog(), judge_config), host=host, port=port, log_level=log_level)
+    app = create_app(catalog or load_catalog().default_pool(), judge_config)  # the pool a default run uses
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -47,7 +47,7 @@ def build_requests(count: int, max_tokens: int) -> tuple[list[Any], list[Any]]:
     from apm_bench.world.prompts import load_prompts
 
     prompts = [p.text for p in load_prompts(None)]
-    principles = load_catalog().principles
+    principles = load_catalog().default_pool().principles
     generation = [GenerationRequest(chat(prompts[i % len(prompts)]), seed=i,
                                     params=SamplingParams(temperature=1.0, max_tokens=max_tokens))
                   for i in range(count)]

@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped catalog and one loaded sentence embedder per test session."""
+"""Shared fixtures: the shipped catalog's default pool and one loaded sentence embedder per test session."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from apm_bench.world.catalog import Catalog, load_catalog
 
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
-    return load_catalog()
+    """The default pool: what a default run uses (the shipped folders hold more, for smaller pools)."""
+    return load_catalog().default_pool()
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ import sys, uvicorn
 from apm_bench.world.catalog import load_catalog
 from apm_bench.serve import create_app
 from apm_bench.judging.sim_judge import SimJudgeConfig
-app = create_app(load_catalog(), SimJudgeConfig.model_validate_json(sys.argv[2]))
+app = create_app(load_catalog().default_pool(), SimJudgeConfig.model_validate_json(sys.argv[2]))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 

@@ -46,6 +46,21 @@ PAPER_ATTRIBUTES = [
     "unpolished",
     "prescriptive",
 ]
+# principles and attributes beyond the default pool, used by the authors' pools 2..8 only
+EXTRA_PRINCIPLES = ["teacher_to_student_tone", "peer_to_peer_tone", "concrete", "conversational", "calming", "verbose"]
+EXTRA_ATTRIBUTES = ["conversational", "neutral", "professional", "open_minded", "fact_seeking", "articulate"]
+# the authors' pools (llm-personalization-v4, data/attribute_selection/*_k<k>.yaml), in their order
+AUTHORS_POOLS = {
+    2: (["emotionally_neutral", "teacher_to_student_tone"], ["conversational", "neutral"]),
+    4: (["emotionally_neutral", "peer_to_peer_tone", "elaborate", "concrete"],
+        ["verbose", "professional", "open_minded", "unpolished"]),
+    6: (["emotionally_neutral", "conversational", "elaborate", "acknowledges_uncertainty", "prescriptive", "concrete"],
+        ["verbose", "enthusiastic", "open_ended", "fact_seeking", "articulate", "anxious"]),
+    8: (["emotionally_neutral", "conversational", "verbose", "acknowledges_uncertainty", "prescriptive", "concrete",
+         "calming", "persuasive"],
+        ["verbose", "enthusiastic", "open_ended", "articulate", "transactional", "anxious", "prescriptive", "tech_savvy"]),
+    10: (PAPER_PRINCIPLES, PAPER_ATTRIBUTES),
+}
 ANTONYM_PAIRS = [
     ("verbose", "terse"),
     ("formal", "casual"),
@@ -57,8 +72,15 @@ ANTONYM_PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def catalog() -> Catalog:
+def full_catalog() -> Catalog:
+    """Everything the shipped folders hold, the entries of the smaller pools included."""
     return load_catalog()
+
+
+@pytest.fixture(scope="module")
+def catalog(full_catalog: Catalog) -> Catalog:
+    """The default pool: what a default run uses."""
+    return full_catalog.default_pool()
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +91,10 @@ def prompts():
 # --------------------------------------------------------------------------- shipped catalog
 
 
-def test_shipped_principles_in_paper_order(catalog: Catalog) -> None:
+def test_shipped_principles_in_paper_order(catalog: Catalog, full_catalog: Catalog) -> None:
     assert catalog.principle_ids == PAPER_PRINCIPLES
-    for principle in catalog.principles:
+    assert full_catalog.principle_ids == PAPER_PRINCIPLES + EXTRA_PRINCIPLES
+    for principle in full_catalog.principles:
         assert principle.description.strip(), principle.id
         assert principle.rubric.strip(), principle.id
         assert principle.follow_instruction.strip() and principle.avoid_instruction.strip()
@@ -88,14 +111,17 @@ def test_shipped_antonyms(catalog: Catalog) -> None:
             assert catalog.antonyms.descriptions[word].strip()
 
 
-def test_shipped_attributes_and_seeds(catalog: Catalog) -> None:
+def test_shipped_attributes_and_seeds(catalog: Catalog, full_catalog: Catalog) -> None:
     assert catalog.attribute_ids == PAPER_ATTRIBUTES
-    for attribute in catalog.attributes:
+    assert full_catalog.attribute_ids == PAPER_ATTRIBUTES + EXTRA_ATTRIBUTES
+    for attribute in full_catalog.attributes:
         for side in ("follow", "avoid"):
             bank = attribute.side(side)
             assert bank.description.strip()
             assert len(bank.phrases) >= 15, (attribute.id, side, len(bank.phrases))
             assert all(phrase.strip() for phrase in bank.phrases)
+        assert set(attribute.stereotype) <= set(PAPER_PRINCIPLES + EXTRA_PRINCIPLES)
+    for attribute in catalog.attributes:
         assert set(attribute.stereotype) <= set(PAPER_PRINCIPLES)
     assert len(catalog.seeds) >= 50
     assert len({seed.name for seed in catalog.seeds}) == len(catalog.seeds)
@@ -112,7 +138,58 @@ def test_lookup_by_id(catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize("k", [2, 4, 6, 8, 10])
-def test_with_pool_prefixes(catalog: Catalog, k: int) -> None:
+def test_the_shipped_pools_are_the_authors(full_catalog: Catalog, k: int) -> None:
+    principles, attributes = AUTHORS_POOLS[k]
+    pool = full_catalog.with_pool(k)
+    assert pool.principle_ids == principles
+    assert pool.attribute_ids == attributes
+    for small in pool.attributes:
+        full = full_catalog.attribute(small.id)
+        assert small.follow == full.follow and small.avoid == full.avoid
+        assert small.stereotype == {p: w for p, w in full.stereotype.items() if p in principles}
+        assert small.stereotype, f"{small.id} has no stereotype on pool {k}: the prior would ignore it"
+    assert pool.seeds == full_catalog.seeds and pool.antonyms == full_catalog.antonyms
+    # a narrowed catalog keeps no pools, and the full one is not narrowed as a side effect
+    assert pool.principle_pools == {} and pool.attribute_pools == {}
+    assert len(full_catalog.principles) == 16
+
+
+def test_pool_10_is_exactly_the_ten_entry_catalog(full_catalog: Catalog, catalog_copy: tuple[Path, Path]) -> None:
+    """A default run must not see the added entries: pool 10 equals a catalog of the first ten
+    entries of each file, without pools.yaml (entries, order, stereotypes and the dump alike)."""
+    principles, personas = catalog_copy
+    _edit_yaml(principles / "principles.yaml", lambda d: d.update(principles=d["principles"][:10]))
+    _edit_yaml(personas / "attributes.yaml", lambda d: d.update(attributes=[
+        {**a, "stereotype": {p: w for p, w in a["stereotype"].items() if p in PAPER_PRINCIPLES}}
+        for a in d["attributes"][:10]]))
+    (principles / "pools.yaml").unlink()
+    (personas / "pools.yaml").unlink()
+    ten = load_catalog(principles, personas)
+    assert full_catalog.with_pool(10) == ten.with_pool(10) == ten
+    assert full_catalog.default_pool().model_dump() == ten.model_dump()
+    assert full_catalog.largest_pool == 10
+
+
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+def test_pool_sizes_without_a_named_pool_are_prefixes_of_the_largest(full_catalog: Catalog, k: int) -> None:
+    pool = full_catalog.with_pool(k)
+    assert pool.principle_ids == PAPER_PRINCIPLES[:k]
+    assert pool.attribute_ids == PAPER_ATTRIBUTES[:k]
+
+
+@pytest.mark.parametrize("k", [2, 4, 6, 8, 10])
+def test_within_a_pool_every_keyword_and_summary_word_names_one_principle(full_catalog: Catalog, k: int) -> None:
+    """The simulator reads preference talk through keywords; one shared by two principles of a pool
+    would push both, and the summarizer's statements use each principle's first keyword."""
+    pool = full_catalog.with_pool(k)
+    words = [w.lower() for p in pool.principles for w in [*p.keywords, *p.opposite_keywords]]
+    assert len(words) == len(set(words)), Counter(words).most_common(3)
+    assert len({p.keywords[0] for p in pool.principles}) == k
+    assert len({p.name.lower() for p in pool.principles}) == k
+
+
+@pytest.mark.parametrize("k", [2, 4, 6, 8, 10])
+def test_without_pools_a_catalog_uses_prefixes(catalog: Catalog, k: int) -> None:
     assert k in POOL_SIZES
     pool = catalog.with_pool(k)
     assert pool.principle_ids == PAPER_PRINCIPLES[:k]
@@ -124,11 +201,24 @@ def test_with_pool_prefixes(catalog: Catalog, k: int) -> None:
         assert set(small.stereotype) <= kept
         assert small.stereotype == {p: w for p, w in full.stereotype.items() if p in kept}
     assert pool.seeds == catalog.seeds
-    # the full catalog is not narrowed as a side effect
+    # the catalog is not narrowed as a side effect
     assert len(catalog.principles) == 10
 
 
-def test_with_pool_actually_drops_stereotype_entries(catalog: Catalog) -> None:
+def test_a_custom_catalog_without_pools_offers_every_prefix(catalog_copy: tuple[Path, Path]) -> None:
+    principles, personas = catalog_copy
+    (principles / "pools.yaml").unlink()
+    (personas / "pools.yaml").unlink()
+    custom = load_catalog(principles, personas)
+    assert custom.pool_sizes == [] and custom.largest_pool == 16
+    assert custom.with_pool(12).principle_ids == PAPER_PRINCIPLES + EXTRA_PRINCIPLES[:2]
+    assert custom.with_pool(2).attribute_ids == PAPER_ATTRIBUTES[:2]
+
+
+def test_with_pool_actually_drops_stereotype_entries(catalog: Catalog, full_catalog: Catalog) -> None:
+    # verbose keeps only its weight on 'elaborate' in the authors' pool 4
+    assert full_catalog.with_pool(4).attribute("verbose").stereotype == {"elaborate": 0.8}
+
     pool = catalog.with_pool(2)
     # verbose: {elaborate: 0.8, casual: -0.2} -> only 'casual' survives in the k=2 pool
     assert "elaborate" in catalog.attribute("verbose").stereotype
@@ -136,10 +226,11 @@ def test_with_pool_actually_drops_stereotype_entries(catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize("k", [0, -1, 11, 100])
-def test_with_pool_out_of_range(catalog: Catalog, k: int) -> None:
-    with pytest.raises(CatalogError, match="out of range") as info:
-        catalog.with_pool(k)
-    assert "\n" not in str(info.value)
+def test_with_pool_out_of_range(catalog: Catalog, full_catalog: Catalog, k: int) -> None:
+    for source in (catalog, full_catalog):  # the six added entries never make pool 11 or 12
+        with pytest.raises(CatalogError, match="out of range") as info:
+            source.with_pool(k)
+        assert "\n" not in str(info.value)
 
 
 # --------------------------------------------------------------------------- malformed catalogs
@@ -170,9 +261,23 @@ def _load_error(principles: Path, personas: Path) -> str:
     return message.replace(str(principles.parent), "<root>")
 
 
-def test_copied_catalog_loads(catalog_copy: tuple[Path, Path], catalog: Catalog) -> None:
+def test_copied_catalog_loads(catalog_copy: tuple[Path, Path], full_catalog: Catalog) -> None:
     copy = load_catalog(*catalog_copy)
-    assert copy == catalog
+    assert copy == full_catalog
+    assert copy.principle_pools == full_catalog.principle_pools and copy.pool_sizes == [2, 4, 6, 8, 10]
+
+
+@pytest.mark.parametrize(("folder", "edit", "expected"), [
+    ("principles", lambda d: d["pools"][2].append("casual"), "pool 2 lists 3 ids, not 2"),
+    ("principles", lambda d: d["pools"].update({4: ["casual", "casual", "gentle", "elaborate"]}), "duplicate id in pool 4"),
+    ("personas", lambda d: d["pools"].update({2: ["verbose", "sarcastic"]}), "attribute pool 2 names unknown attributes ['sarcastic']"),
+    ("principles", lambda d: d["pools"].update({0: []}), "pool size 0"),
+    ("personas", lambda d: d.update(pools="nope"), "pools: Input should be a valid dictionary"),
+])
+def test_bad_pools_file(catalog_copy: tuple[Path, Path], folder: str, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
+    principles, personas = catalog_copy
+    _edit_yaml((principles if folder == "principles" else personas) / "pools.yaml", edit)
+    assert expected in _load_error(principles, personas)
 
 
 @pytest.mark.parametrize("file", ["principles/principles.yaml", "personas/attributes.yaml", "personas/seeds.yaml"])

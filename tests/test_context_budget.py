@@ -112,7 +112,7 @@ class _Refusing:
 
 
 def test_a_judge_prompt_that_does_not_fit_fails_once_with_its_reason() -> None:
-    catalog = load_catalog()
+    catalog = load_catalog().default_pool()
     engine = _Refusing()
     judge = LLMJudge(engine, list(catalog.principles))  # type: ignore[arg-type]
     ratings = judge.rate([RatingRequest("p", "r", catalog.principles[0].id)])

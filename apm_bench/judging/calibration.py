@@ -142,7 +142,7 @@ def calibrate(
     from apm_bench.world.catalog import load_catalog
     from apm_bench.world.prompts import load_prompts
 
-    catalog = load_catalog()
+    catalog = load_catalog().default_pool()
     if catalog.antonyms is None:
         raise CatalogError("the principles folder has no antonyms.yaml")
     generator = load_backend(model, catalog)

@@ -120,6 +120,7 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
     staging.mkdir()
     try:
         config = result.config.model_dump(mode="json")
+        config["pool_members"] = result.pool_members
         config["versions"] = package_versions()
         config["git_revision"] = git_revision()
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

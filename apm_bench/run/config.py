@@ -84,7 +84,8 @@ class RunConfig(BaseModel):
     worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="world seeds (one C each)")
     users: int = Field(default=400, ge=10, description="users in the population")
     n_attr: int = Field(default=1, ge=1, description="active attributes per user")
-    pool: int = Field(default=10, ge=2, description="principles and attributes in the pool (a catalog prefix)")
+    pool: int = Field(default=10, ge=2, description="principles and attributes in the pool: the catalog's pool "
+                                                    "of that size (pools.yaml), else a prefix of its largest")
     mapping: MappingKind = "permutation"
     n_perm: int = Field(default=1, ge=1, description="overlaid signed permutations in C")
     max_targets: int | None = Field(default=None, ge=1, description="keep only the largest |r| entries as targets")

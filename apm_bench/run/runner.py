@@ -76,6 +76,8 @@ class RunResult:
     artifacts: ArtifactStore | None = None
     #: routing diagnostics: chosen labels against true top targets, per method and world
     label_diagnostics: list[LabelDiagnostics] = field(default_factory=list)
+    #: the principle and attribute ids of the run's pool, in order (pools are catalog data, so record them)
+    pool_members: dict[str, list[str]] = field(default_factory=dict)
 
 
 def artifact_store(config: RunConfig) -> ArtifactStore:
@@ -110,8 +112,8 @@ def plan_methods(config: RunConfig, references: tuple[str, ...] | None = None) -
 
 def load_pool_catalog(config: RunConfig) -> Catalog:
     catalog = load_catalog(config.principles_dir, config.personas_dir)
-    if config.pool > min(len(catalog.principles), len(catalog.attributes)):
-        raise ConfigError(f"pool {config.pool} is larger than the catalog ({len(catalog.principles)} principles)")
+    if config.pool > catalog.largest_pool:
+        raise ConfigError(f"pool {config.pool} is larger than the catalog's largest pool ({catalog.largest_pool})")
     if config.n_attr > config.pool:
         raise ConfigError(f"n_attr {config.n_attr} exceeds the pool size {config.pool}")
     return catalog.with_pool(config.pool)
@@ -290,7 +292,8 @@ def _run_all(
         f"embedding_{k}": float(v) for k, v in engines.embedder.stats.snapshot().items()}}
     say("done")
     diagnostics = label_diagnostics(samples, label_training)
-    return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics)
+    members = {"principles": catalog.principle_ids, "attributes": catalog.attribute_ids}
+    return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics, members)
 
 
 @dataclass

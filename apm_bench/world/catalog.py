@@ -1,7 +1,12 @@
-"""Catalogs: the response principles, the user attributes and the persona seeds.
+"""Catalogs: the response principles, the user attributes, the persona seeds and the pools.
 
 Catalogs are data (YAML folders), validated here so that a typo in a user's own catalog fails
 at load time with one clear line instead of deep inside a run.
+
+A pool of size k is what a run uses: k principles and k attributes. A folder's optional
+`pools.yaml` names them per k (the APM authors' pools are different sets for each k, chosen by
+factor analysis, not prefixes of one list); for a k it does not name, the pool is a prefix of the
+largest named pool, or of the file's own order where there is no `pools.yaml`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from apm_bench.errors import CatalogError, first_error
 
 Side = Literal["follow", "avoid"]
 POOL_SIZES = (2, 4, 6, 8, 10)
+POOLS_FILE = "pools.yaml"
 
 
 class _Strict(BaseModel):
@@ -91,13 +97,36 @@ class AntonymCatalog(_Strict):
         return self
 
 
+class PoolFile(_Strict):
+    """`pools.yaml` of a catalog folder: k → the ids of that folder's kind, in order."""
+
+    pools: dict[int, list[str]] = Field(min_length=1)
+
+    @field_validator("pools")
+    @classmethod
+    def _sized(cls, value: dict[int, list[str]]) -> dict[int, list[str]]:
+        for k, ids in value.items():
+            if k < 1:
+                raise ValueError(f"pool size {k} must be at least 1")
+            if len(ids) != k:
+                raise ValueError(f"pool {k} lists {len(ids)} ids, not {k}")
+            _require_unique(f"id in pool {k}", ids)
+        return value
+
+
 class Catalog(_Strict):
-    """The full pools; `with_pool(k)` narrows principles and attributes to the first k."""
+    """Everything the folders hold; `with_pool(k)` is the catalog a run with pool k uses.
+
+    The pools are excluded from dumps: a narrowed catalog (which keeps none) is identified by its
+    entries alone, so the simulator's cache keys depend on what a run uses, not on the pool files.
+    """
 
     principles: list[Principle]
     attributes: list[Attribute]
     seeds: list[PersonaSeed]
     antonyms: AntonymCatalog | None = None
+    principle_pools: dict[int, list[str]] = Field(default_factory=dict, exclude=True)
+    attribute_pools: dict[int, list[str]] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Catalog":
@@ -112,6 +141,12 @@ class Catalog(_Strict):
         _require_unique_substring_free("principle marker", markers)
         phrases = [ph for a in self.attributes for side in ("follow", "avoid") for ph in a.side(side).phrases]
         _require_unique_substring_free("attribute phrase", phrases)
+        for kind, pools, ids in (("principle", self.principle_pools, known),
+                                 ("attribute", self.attribute_pools, set(self.attribute_ids))):
+            for k, members in pools.items():
+                unknown_members = [m for m in members if m not in ids]
+                if unknown_members:
+                    raise ValueError(f"{kind} pool {k} names unknown {kind}s {unknown_members}")
         return self
 
     @property
@@ -128,20 +163,45 @@ class Catalog(_Strict):
     def attribute(self, attribute_id: str) -> Attribute:
         return _by_id(self.attributes, attribute_id, "attribute")
 
+    @property
+    def pool_sizes(self) -> list[int]:
+        """The k this catalog names a pool for (principles or attributes)."""
+        return sorted(set(self.principle_pools) | set(self.attribute_pools))
+
+    @property
+    def largest_pool(self) -> int:
+        return min(len(_pool_order(self.principle_ids, self.principle_pools)),
+                   len(_pool_order(self.attribute_ids, self.attribute_pools)))
+
     def with_pool(self, k: int) -> "Catalog":
-        """The paper's smaller pools are prefixes of the catalog order, for principles and attributes alike."""
-        if k < 1 or k > min(len(self.principles), len(self.attributes)):
+        """The named pool of size k where the catalog has one, else a prefix of its largest pool;
+        entries outside every pool a run could use never reach the run."""
+        if k < 1 or k > self.largest_pool:
             raise CatalogError(
-                f"pool size {k} is out of range: this catalog has {len(self.principles)} principles "
-                f"and {len(self.attributes)} attributes"
+                f"pool size {k} is out of range: this catalog's pools hold 1..{self.largest_pool} "
+                f"principles and attributes ({len(self.principles)} principles and "
+                f"{len(self.attributes)} attributes in all)"
             )
-        principles = self.principles[:k]
+        principles = [self.principle(i) for i in _pool_ids(self.principle_ids, self.principle_pools, k)]
         kept = {p.id for p in principles}
         attributes = [
-            a.model_copy(update={"stereotype": {p: w for p, w in a.stereotype.items() if p in kept}})
-            for a in self.attributes[:k]
+            self.attribute(i).model_copy(
+                update={"stereotype": {p: w for p, w in self.attribute(i).stereotype.items() if p in kept}})
+            for i in _pool_ids(self.attribute_ids, self.attribute_pools, k)
         ]
         return Catalog(principles=principles, attributes=attributes, seeds=self.seeds, antonyms=self.antonyms)
+
+    def default_pool(self) -> "Catalog":
+        """What a run uses by default (pool 10 of the shipped catalog): for tools that need one pool."""
+        return self.with_pool(self.largest_pool)
+
+
+def _pool_order(ids: list[str], pools: dict[int, list[str]]) -> list[str]:
+    return pools[max(pools)] if pools else ids
+
+
+def _pool_ids(ids: list[str], pools: dict[int, list[str]], k: int) -> list[str]:
+    return pools[k] if k in pools else _pool_order(ids, pools)[:k]
 
 
 def _by_id(items: list, item_id: str, kind: str):  # type: ignore[no-untyped-def]
@@ -205,6 +265,15 @@ def _list_under(path: Path, key: str) -> list:
     return value
 
 
+def _read_pools(path: Path) -> dict[int, list[str]]:
+    if not path.exists():
+        return {}
+    try:
+        return PoolFile.model_validate(_read_yaml(path)).pools
+    except ValidationError as exc:
+        raise CatalogError(f"invalid pools in {path}: {first_error(exc)}") from None
+
+
 def load_catalog(principles_dir: Path | None = None, personas_dir: Path | None = None) -> Catalog:
     principles_dir = Path(principles_dir) if principles_dir else default_catalog_dir("principles")
     personas_dir = Path(personas_dir) if personas_dir else default_catalog_dir("personas")
@@ -220,7 +289,9 @@ def load_catalog(principles_dir: Path | None = None, personas_dir: Path | None =
         antonyms = AntonymCatalog.model_validate(_read_yaml(antonyms_file)) if antonyms_file.exists() else None
         attributes = [Attribute.model_validate(a) for a in _list_under(attributes_file, "attributes")]
         seeds = [PersonaSeed.model_validate(s) for s in _list_under(seeds_file, "seeds")] if seeds_file.exists() else []
-        catalog = Catalog(principles=principles, attributes=attributes, seeds=seeds, antonyms=antonyms)
+        catalog = Catalog(principles=principles, attributes=attributes, seeds=seeds, antonyms=antonyms,
+                          principle_pools=_read_pools(principles_dir / POOLS_FILE),
+                          attribute_pools=_read_pools(personas_dir / POOLS_FILE))
     except ValidationError as exc:
         raise CatalogError(f"invalid catalog in {principles_dir} / {personas_dir}: {first_error(exc)}") from None
     if not catalog.principles or not catalog.attributes:

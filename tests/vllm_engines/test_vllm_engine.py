@@ -117,7 +117,7 @@ def test_structured_outputs_make_every_rating_of_a_random_judge_parseable(engine
     from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
     from apm_bench.world.catalog import load_catalog
 
-    principles = list(load_catalog().principles)
+    principles = list(load_catalog().default_pool().principles)
     requests = [RatingRequest(prompt=f"How do I boil {food}?", response=f"Put the {food} in water and wait.",
                               principle=principles[i % len(principles)].id, seed=i)
                 for i, food in enumerate(["eggs", "rice", "pasta", "beans", "corn"] * 6)]
@@ -151,7 +151,7 @@ def test_a_prefilled_answer_continues_on_the_engine_as_hf_continues_it(engine: V
     from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
     from apm_bench.world.catalog import load_catalog
 
-    principles = list(load_catalog().principles)
+    principles = list(load_catalog().default_pool().principles)
     weighted = LLMJudge(engine, principles, LLMJudgeConfig(weighted=True, retries=0, max_tokens=2)).rate(
         [RatingRequest("How do I boil rice?", f"Answer {i}.", principles[i].id, seed=i) for i in range(4)])
     assert all(r.score is None or 1 <= r.score <= 10 for r in weighted)
