@@ -229,3 +229,56 @@ def test_vllm_serves_trained_artifacts(tiny_model_dir: Path, embedder: HistoryEm
     finally:
         engine.close()
         engines.close()
+
+
+def test_soft_prompt_presets_resolve_by_engine_and_explicit_options_win() -> None:
+    from apm_bench.methods.soft_prompt import SoftPromptOptions, resolve_settings
+
+    paper = resolve_settings(SoftPromptOptions(), simulated=False)
+    assert (paper.loss, paper.beta, paper.gamma, paper.activation, paper.hidden) == ("simpo", 2.0, 1.0, "gelu", None)
+    assert (paper.lora_alpha, paper.lora_dropout, paper.lora_targets) == (32.0, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (paper.optimizer, paper.learning_rate, paper.epochs, paper.batch_size, paper.grad_accum, paper.clip) == (
+        "adamw", 5e-5, 1, 1, 8, 1.0)
+    assert paper.max_response_tokens == 1024 and paper.greedy
+    assert resolve_settings(SoftPromptOptions(loss="dpo"), simulated=False).beta == 0.1  # the authors' DPO β
+    sim = resolve_settings(SoftPromptOptions(), simulated=True)
+    assert (sim.loss, sim.beta, sim.epochs, sim.learning_rate, sim.optimizer, sim.greedy) == ("dpo", 0.5, 40, 0.01, "adam", False)
+    forced = resolve_settings(SoftPromptOptions(preset="paper", epochs=3), simulated=True)
+    assert forced.epochs == 3 and forced.optimizer == "adamw" and forced.max_response_tokens is None  # no tokens to cut
+
+
+def test_optimise_accumulates_gradients_and_clips_each_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apm_bench.methods.training import OptimiserSettings, optimise
+
+    clipped: list[float] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):  # type: ignore[no-untyped-def]
+        parameters = list(parameters)
+        clipped.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))))
+        return real_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    weight = torch.nn.Parameter(torch.zeros(3))
+    settings = OptimiserSettings(epochs=1, learning_rate=0.1, batch_size=1, grad_accum=4, clip=1.0, optimizer="adamw")
+    record = optimise("toy", [weight], lambda batch: (1000.0 * (weight - 1.0) ** 2).sum() * len(batch), 10, settings)
+    assert (len(record.losses), record.steps) == (10, 3)  # 4 + 4 + the last 2
+    assert len(clipped) == 3 and clipped[0] > 1.0  # the accumulated gradient, before clipping
+    assert float(weight.detach().abs().max()) > 0  # the steps moved it
+
+
+def test_soft_prompt_trains_with_the_authors_settings_on_a_tiny_hf_model(hf, embedder: HistoryEmbedder, tmp_path: Path) -> None:
+    engines, _, world, context = world_zero(embedder, generator=hf, n_train=10, artifacts=tmp_path / "store")
+    method = SoftPromptMethod()  # auto: hf trains, so the paper preset
+    method.fit(context)
+    assert method.settings is not None and method.settings.loss == "simpo" and not hf.lm.training  # eval mode again
+    record = method.training_records()[0]
+    assert record.steps == -(-len(record.losses) // 8) and len(record.losses) == record.examples  # batch 1 × 8
+    config = json.loads((Path(method.adapter.path) / "adapter_config.json").read_text())  # type: ignore[union-attr, arg-type]
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.05)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert method.projector is not None and isinstance(method.projector.activation, torch.nn.GELU)
+    assert method.projector.shape["hidden"] == hf.hidden_size == method.projector.shape["width"]
+    out = method.personalize_many(_test_users(world, 2), ["Tell me a story."] * 2)
+    assert all(p.temperature == 0.0 for p in out)  # greedy test decoding
+    engines.close()

@@ -94,6 +94,9 @@ class Capabilities:
     #: a request's answer does not depend on which other requests share its batch; where it may
     #: (float rounding of batched matrix products), the runner keeps each (world, method) a batch
     batch_invariant: bool = True
+    #: the style simulator, not a language model: methods whose settings differ between the two
+    #: (soft-prompt's training presets) pick the simulator's
+    simulated: bool = False
 
 
 class Backend(ABC):

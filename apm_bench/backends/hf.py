@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -536,13 +536,17 @@ class HFBackend(Backend):
         self._adapters[name] = (None, True)
         return self.lm
 
-    def create_adapter(self, name: str, rank: int = 16, seed: int = 0) -> list[Any]:
-        """A new trainable LoRA adapter on every linear layer (the trainer interface shared with `sim`)."""
+    def create_adapter(self, name: str, rank: int = 16, seed: int = 0, alpha: float | None = None, dropout: float = 0.0,
+                       targets: str | list[str] = "all-linear") -> list[Any]:
+        """A new trainable LoRA adapter (the trainer interface shared with `sim`): α defaults to 2·rank,
+        and it sits on every linear layer unless `targets` names modules (e.g. q/k/v/o_proj)."""
         import torch
         from peft import LoraConfig
 
         torch.manual_seed(seed)  # peft draws lora_A at random; the seed makes training reproducible
-        self.add_adapter(name, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0))
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=targets,
+                            lora_dropout=dropout)
+        self.add_adapter(name, config)
         return self.adapter_parameters(name)
 
     def adapter_parameters(self, name: str) -> list[Any]:
@@ -577,9 +581,25 @@ class HFBackend(Backend):
     def soft_prompt_width(self) -> int:
         return self.hidden_size
 
-    def response_length(self, responses: Sequence[str]) -> list[int]:
+    def response_length(self, responses: Sequence[str | Sequence[int]]) -> list[int]:
         """Tokens per response, end-of-turn token included (as `sequence_logprob` scores them)."""
-        return [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in responses]
+        return [len(r) if not isinstance(r, str) else len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) + 1
+                for r in responses]
+
+    def response_ids(self, responses: Sequence[str], limit: int) -> list[list[int]]:
+        """Each response's tokens and the end-of-turn token, cut after `limit` tokens (a cut response
+        loses its end: the model is not taught to stop where the text was cut)."""
+        return [(list(self.tokenizer(r, add_special_tokens=False)["input_ids"]) + [self.stop_token_id])[:limit]
+                for r in responses]
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Train mode (dropout on, e.g. LoRA's) for the duration of a training run, eval mode after."""
+        self.lm.train()
+        try:
+            yield
+        finally:
+            self.lm.eval()
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (e.g. before loading retrained weights saved at the same path)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +41,8 @@ class SimBackend(Backend):
     """
 
     name = "sim"
-    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True, batch_invariant=False)
+    capabilities = Capabilities(logprobs=True, adapters=True, soft_prompts=True, trainable=True, batch_invariant=False,
+                                simulated=True)
 
     def __init__(self, model: str, profile: SimProfile, catalog: Catalog, seed: int = 0) -> None:
         self.model = model
@@ -154,9 +157,14 @@ class SimBackend(Backend):
             return [self.summarizer.add_adapter(name)]
         return list(self.policy.add_adapter(name, rank=rank, seed=seed).parameters())
 
-    def create_adapter(self, name: str, rank: int = 4, seed: int = 0) -> list[torch.nn.Parameter]:
-        """A new trainable style adapter (the trainer interface shared with the hf backend)."""
+    def create_adapter(self, name: str, rank: int = 4, seed: int = 0, **lora: Any) -> list[torch.nn.Parameter]:
+        """A new trainable style adapter (the trainer interface shared with the hf backend); LoRA's
+        α, dropout and target modules have no meaning for the simulator's adapters and are ignored."""
         return self.add_adapter(name, kind="style", rank=rank, seed=seed)
+
+    def training(self) -> AbstractContextManager[None]:
+        """The simulator has no dropout: training and evaluation modes are the same."""
+        return nullcontext()
 
     def save_adapter(self, name: str, directory: Path) -> Path:
         """Write a style or summarizer adapter into `directory`; an AdapterRef with this path loads it again."""

@@ -57,6 +57,9 @@ class Personalization:
     messages: tuple[Message, ...]
     adapter: AdapterRef | None = None
     soft_prompt: SoftPrompt | None = None
+    #: the method's own decoding temperature (0: greedy, as the authors decode soft-prompt
+    #: responses); None: the run's
+    temperature: float | None = None
     #: what the method wants recorded with the sample, e.g. {"summary": ...}; "context_trimmed":
     #: how many history messages or examples were left out to fit the generator's context
     notes: dict[str, str] = field(default_factory=dict)

@@ -1,7 +1,13 @@
-"""Soft-prompt DPO: the frozen history embedding φ(history) goes through a 2-layer MLP to m virtual
+"""Soft-prompt: the frozen history embedding φ(history) goes through a 2-layer MLP to m virtual
 tokens placed before the prompt; the MLP and a LoRA adapter are trained together by a preference
-loss on training users' (best, worst) candidates. DPO by default (reference = adapter off, no soft
-token), SimPO as an option.
+loss on training users' (best, worst) candidates: DPO (reference = adapter off, no soft token) or
+SimPO.
+
+Two presets: `paper`, the authors' settings (SimPO β 2 γ 1, or DPO β 0.1; a Linear → GELU →
+Linear projector as wide as the model; LoRA r 16, α 32, dropout 0.05 on q/k/v/o; AdamW lr 5e-5,
+one epoch, batch 1 × 8 accumulation, clipping at 1.0; responses cut at 1 024 tokens; greedy test
+decoding), the default on language models; and `sim`, tuned for the simulator's small linear
+policy, the default there. Any option set explicitly overrides its preset.
 
 At test time each user's tokens and the shared adapter go into the generation request: the
 policy's soft-prompt input on `sim`, `inputs_embeds` on `hf`, prompt embeddings + LoRARequest on
@@ -18,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from apm_bench.backends.base import AdapterRef, GenerationRequest, SoftPrompt, chat
@@ -41,27 +47,89 @@ ADAPTER_FOLDER = "adapter"
 
 
 class SoftPromptOptions(MethodOptions):
-    loss: Literal["dpo", "simpo"] = "dpo"
+    """Unset fields take their value from the preset: `paper` (the authors' settings, for language
+    models) or `sim` (tuned for the simulator); `auto` picks by the engine that trains."""
+
+    preset: Literal["auto", "paper", "sim"] = "auto"
+    loss: Literal["dpo", "simpo"] | None = None
     tokens: int = Field(default=1, ge=1, description="m, the number of virtual tokens (the paper: 1)")
-    hidden: int = Field(default=256, ge=1, description="width of the MLP's hidden layer")
+    hidden: int | None = Field(default=None, ge=1, description="width of the MLP's hidden layer (paper: the model's hidden size)")
+    activation: Literal["tanh", "gelu"] | None = None
     rank: int = Field(default=16, ge=1, description="LoRA rank")
+    lora_alpha: float | None = Field(default=None, gt=0, description="LoRA α (paper: 32; sim: 2·rank)")
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    lora_targets: list[str] | None = Field(default=None, description="modules LoRA adapts (paper: q/k/v/o_proj; sim: all linear)")
     pairs_per_user: int = Field(default=1, ge=1, description="k-th best vs k-th worst candidate, k = 1..this")
-    beta: float = Field(default=0.5, gt=0)
-    gamma: float = Field(default=0.5, ge=0, description="SimPO's target margin")
-    epochs: int = Field(default=40, ge=1)
-    learning_rate: float = Field(default=0.01, gt=0)
-    batch_size: int = Field(default=64, ge=1)
+    beta: float | None = Field(default=None, gt=0, description="paper: 2 for SimPO, 0.1 for DPO")
+    gamma: float | None = Field(default=None, ge=0, description="SimPO's target margin")
+    epochs: int | None = Field(default=None, ge=1)
+    learning_rate: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    grad_accum: int | None = Field(default=None, ge=1, description="batches per optimiser step")
+    clip: float | None = Field(default=None, gt=0, description="gradient norm limit")
+    optimizer: Literal["adam", "adamw"] | None = None
+    max_response_tokens: int | None = Field(default=None, ge=1, description="tokens of each training response scored (paper: 1024)")
+    greedy: bool | None = Field(default=None, description="decode test responses greedily (paper: yes)")
     sft_weight: float = Field(default=0.0, ge=0)
     artifacts: Path | None = Field(default=None, description="serve trained artifacts from this folder instead of training")
 
 
-class SoftPromptProjector(nn.Module):
-    """φ(history) → m tokens of the model's hidden size; the output layer starts at zero, so an
-    untrained projector adds nothing but a zero token."""
+class SoftPromptSettings(BaseModel):
+    """Every training setting resolved: the preset's values under the options the user set."""
 
-    def __init__(self, input_dim: int, hidden: int, tokens: int, width: int, seed: int = 0) -> None:
+    model_config = ConfigDict(frozen=True)
+
+    loss: Literal["dpo", "simpo"]
+    hidden: int | None  # None: the model's hidden size
+    activation: Literal["tanh", "gelu"]
+    lora_alpha: float | None  # None: 2·rank
+    lora_dropout: float
+    lora_targets: list[str] | None  # None: every linear layer
+    beta: float
+    gamma: float
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    grad_accum: int
+    clip: float | None
+    optimizer: Literal["adam", "adamw"]
+    max_response_tokens: int | None
+    greedy: bool
+
+
+#: the authors' user-embedding settings (their `user_embedding.yaml`) and apm-bench's for the simulator,
+#: whose policy is a small linear model that needs larger steps and many epochs
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(loss="simpo", hidden=None, activation="gelu", lora_alpha=32.0, lora_dropout=0.05,
+                  lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], gamma=1.0, epochs=1, learning_rate=5e-5,
+                  batch_size=1, grad_accum=8, clip=1.0, optimizer="adamw", max_response_tokens=1024, greedy=True),
+    "sim": dict(loss="dpo", hidden=256, activation="tanh", lora_alpha=None, lora_dropout=0.0, lora_targets=None,
+                gamma=0.5, epochs=40, learning_rate=0.01, batch_size=64, grad_accum=1, clip=None, optimizer="adam",
+                max_response_tokens=None, greedy=False),
+}
+PAPER_BETA = {"simpo": 2.0, "dpo": 0.1}
+
+
+def resolve_settings(options: SoftPromptOptions, simulated: bool) -> SoftPromptSettings:
+    """The preset (`auto`: `sim` on the simulator, `paper` on a language model) under the set options."""
+    preset = options.preset if options.preset != "auto" else ("sim" if simulated else "paper")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in options.model_dump().items() if k in SoftPromptSettings.model_fields and v is not None})
+    if "beta" not in values:
+        values["beta"] = PAPER_BETA[values["loss"]] if preset == "paper" else 0.5
+    if simulated:  # the simulator's responses are style vectors, not token sequences
+        values["max_response_tokens"] = None
+    return SoftPromptSettings(**values)
+
+
+class SoftPromptProjector(nn.Module):
+    """φ(history) → Linear → tanh or GELU → Linear → m tokens of the model's hidden size; the output
+    layer starts at zero, so an untrained projector adds nothing but a zero token."""
+
+    def __init__(self, input_dim: int, hidden: int, tokens: int, width: int, seed: int = 0, activation: str = "tanh") -> None:
         super().__init__()
-        self.shape = {"input_dim": input_dim, "hidden": hidden, "tokens": tokens, "width": width}
+        self.shape = {"input_dim": input_dim, "hidden": hidden, "tokens": tokens, "width": width, "activation": activation}
+        self.activation = nn.GELU() if activation == "gelu" else nn.Tanh()
         generator = torch.Generator().manual_seed(seed)
         self.inner = nn.Linear(input_dim, hidden)
         self.outer = nn.Linear(hidden, tokens * width)
@@ -72,7 +140,7 @@ class SoftPromptProjector(nn.Module):
             self.outer.bias.zero_()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.outer(torch.tanh(self.inner(features)))
+        out = self.outer(self.activation(self.inner(features)))
         return out.view(len(features), self.shape["tokens"], self.shape["width"])
 
     def save(self, directory: Path) -> None:
@@ -85,7 +153,7 @@ class SoftPromptProjector(nn.Module):
     def load(cls, directory: Path) -> SoftPromptProjector:
         from safetensors.torch import load_file
 
-        projector = cls(**json.loads((directory / PROJECTOR_CONFIG).read_text(encoding="utf-8")))
+        projector = cls(**json.loads((directory / PROJECTOR_CONFIG).read_text(encoding="utf-8")))  # older ones: tanh
         projector.load_state_dict(load_file(str(directory / PROJECTOR_WEIGHTS)))
         return projector
 
@@ -119,6 +187,7 @@ class SoftPromptMethod(Personalizer):
         self.adapter: AdapterRef | None = None
         self.folder: Path | None = None
         self.record: TrainingRecord | None = None
+        self.settings: SoftPromptSettings | None = None
         self._embed: Any = None
 
     def training_records(self) -> list[TrainingRecord]:
@@ -130,10 +199,13 @@ class SoftPromptMethod(Personalizer):
         self._embed = context.embedder.embed_histories
         given = existing_artifacts(self.name, self.options.artifacts)
         if given is not None:
+            self.settings = resolve_settings(self.options, context.generator.capabilities.simulated)
             self._load(given, "soft-prompt-" + given.name, export=False)
             return
         pairs, features = self._pairs(context)
-        options = self.options.model_dump(mode="json", exclude={"artifacts"})
+        engine = trainer(self.name, context)
+        self.settings = resolve_settings(self.options, engine.capabilities.simulated)
+        options = {**self.options.model_dump(mode="json", exclude={"artifacts"}), "resolved": self.settings.model_dump(mode="json")}
         key = artifact_key(self.name, context, options, [(p.request.messages[-1].content, p.chosen, p.rejected) for p in pairs]
                            + [np.round(features, 6).tolist()])
         found = context.artifacts.find(key) if context.artifacts is not None else None
@@ -141,7 +213,6 @@ class SoftPromptMethod(Personalizer):
             self._load(found, key)
             self.record = TrainingRecord(name=key, examples=len(pairs), reused=True)
             return
-        engine = trainer(self.name, context)
         self._train(engine, key, pairs, features, context)
         if context.artifacts is not None:
             with context.artifacts.writing(key) as staging:
@@ -167,9 +238,14 @@ class SoftPromptMethod(Personalizer):
         return pairs, embedded[rows]
 
     def _train(self, engine: Any, name: str, pairs: list[PreferencePair], features: np.ndarray, context: FitContext) -> None:
-        o = self.options
-        adapter_parameters = engine.create_adapter(name, rank=o.rank, seed=context.seed)
-        self.projector = SoftPromptProjector(features.shape[1], o.hidden, o.tokens, engine.soft_prompt_width, seed=context.seed)
+        o, t = self.options, self.settings
+        assert t is not None
+        lora = {} if engine.capabilities.simulated else {
+            "alpha": t.lora_alpha, "dropout": t.lora_dropout, "targets": t.lora_targets or "all-linear"}
+        adapter_parameters = engine.create_adapter(name, rank=o.rank, seed=context.seed, **lora)
+        width = engine.soft_prompt_width
+        self.projector = SoftPromptProjector(features.shape[1], t.hidden or width, o.tokens, width, seed=context.seed,
+                                             activation=t.activation)
         inputs = torch.as_tensor(features, dtype=torch.float32)
         adapter = AdapterRef(name)
 
@@ -179,10 +255,13 @@ class SoftPromptMethod(Personalizer):
             return [dataclasses.replace(pairs[i].request, adapter=adapter, soft_prompt=SoftPrompt(t))  # type: ignore[arg-type]
                     for i, t in zip(batch, tokens)]
 
-        settings = PreferenceSettings(epochs=o.epochs, learning_rate=o.learning_rate, batch_size=o.batch_size, seed=context.seed,
-                                      loss=o.loss, beta=o.beta, gamma=o.gamma, sft_weight=o.sft_weight)
+        settings = PreferenceSettings(
+            epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size, seed=context.seed, optimizer=t.optimizer,
+            grad_accum=t.grad_accum, clip=t.clip, loss=t.loss, beta=t.beta, gamma=t.gamma, sft_weight=o.sft_weight,
+            max_response_tokens=t.max_response_tokens)
         parameters = list(adapter_parameters) + list(self.projector.parameters())
-        self.record = train_preference(engine, name, pairs, policy_requests, parameters, settings, context.report)
+        with engine.training():
+            self.record = train_preference(engine, name, pairs, policy_requests, parameters, settings, context.report)
         self.adapter = adapter
         self.projector.requires_grad_(False)
 
@@ -209,4 +288,6 @@ class SoftPromptMethod(Personalizer):
         tokens = self.soft_prompts(users)
         if self.folder is not None and users:
             export_soft_prompts(self.folder / SOFT_PROMPTS, [u.id for u in users], tokens)
-        return [Personalization(chat(p), adapter=self.adapter, soft_prompt=SoftPrompt(t)) for p, t in zip(prompts, tokens)]
+        greedy = 0.0 if self.settings is not None and self.settings.greedy else None
+        return [Personalization(chat(p), adapter=self.adapter, soft_prompt=SoftPrompt(t), temperature=greedy)
+                for p, t in zip(prompts, tokens)]

@@ -119,28 +119,37 @@ def optimise(
     parameters: Sequence[torch.nn.Parameter],
     batch_loss: Callable[[list[int]], torch.Tensor],
     n_examples: int,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int,
-    seed: int,
+    settings: OptimiserSettings,
     report: Report | None = None,
 ) -> TrainingRecord:
-    """Adam over shuffled mini-batches of example indices; reports progress every tenth of the run."""
+    """Adam (or AdamW) over shuffled mini-batches of example indices, `grad_accum` batches per
+    step, gradients clipped to `clip` if set; reports progress every tenth of the run.
+
+    `record.steps` counts optimiser steps and `record.losses` holds one loss per mini-batch.
+    """
     if n_examples == 0:
         raise ValueError(f"{name}: nothing to train on")
-    optimiser = torch.optim.Adam(list(parameters), lr=learning_rate)
-    generator = torch.Generator().manual_seed(seed)
+    parameters = list(parameters)
+    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    optimiser = kind(parameters, lr=settings.learning_rate)
+    generator = torch.Generator().manual_seed(settings.seed)
     record = TrainingRecord(name=name, examples=n_examples)
-    total = epochs * -(-n_examples // batch_size)
+    batches = -(-n_examples // settings.batch_size)
+    total = settings.epochs * -(-batches // settings.grad_accum)
     started = time.perf_counter()
-    for _ in range(epochs):
+    for _ in range(settings.epochs):
         order = torch.randperm(n_examples, generator=generator).tolist()
-        for start in range(0, n_examples, batch_size):
-            loss = batch_loss(order[start : start + batch_size])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+        optimiser.zero_grad()
+        for index, start in enumerate(range(0, n_examples, settings.batch_size)):
+            loss = batch_loss(order[start : start + settings.batch_size])
+            (loss / settings.grad_accum).backward()
             record.losses.append(float(loss.detach()))
+            if (index + 1) % settings.grad_accum and index + 1 < batches:
+                continue
+            if settings.clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm=settings.clip)
+            optimiser.step()
+            optimiser.zero_grad()
             record.steps += 1
             if report is not None and (record.steps % max(total // 10, 1) == 0 or record.steps == total):
                 report(f"training {name}: step {record.steps}/{total}, loss {record.losses[-1]:.4f}")
@@ -176,6 +185,11 @@ class OptimiserSettings:
     learning_rate: float = 0.05
     batch_size: int = 64
     seed: int = 0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    #: mini-batches whose gradients add up to one optimiser step
+    grad_accum: int = 1
+    #: gradient norm limit (None: no clipping)
+    clip: float | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,8 @@ class PreferenceSettings(OptimiserSettings):
     beta: float = 0.5
     gamma: float = 0.5
     sft_weight: float = 0.0
+    #: score only the first this many tokens of each response (engines with `response_ids`)
+    max_response_tokens: int | None = None
 
 
 def train_preference(
@@ -201,8 +217,11 @@ def train_preference(
     `sft_weight` adds the negative log-likelihood of the chosen responses (as in RPO): a pairwise
     loss only separates chosen from rejected and may do so by lowering both.
     """
-    chosen = [p.chosen for p in pairs]
-    rejected = [p.rejected for p in pairs]
+    chosen: list[Any] = [p.chosen for p in pairs]
+    rejected: list[Any] = [p.rejected for p in pairs]
+    if settings.max_response_tokens is not None:
+        chosen = backend.response_ids(chosen, settings.max_response_tokens)
+        rejected = backend.response_ids(rejected, settings.max_response_tokens)
     requests = [p.request for p in pairs]
     if settings.loss == "dpo":
         reference_chosen = reference_logprobs(backend, requests, chosen)
@@ -223,8 +242,7 @@ def train_preference(
             loss = loss - settings.sft_weight * policy_chosen.mean()
         return loss
 
-    return optimise(name, parameters, batch_loss, len(pairs), settings.epochs, settings.learning_rate, settings.batch_size,
-                    settings.seed, report)
+    return optimise(name, parameters, batch_loss, len(pairs), settings, report)
 
 
 def train_dpo(
@@ -300,8 +318,7 @@ def train_cbpo(
         return cbpo_loss(centred[: len(g_target)], centred[len(g_target) :], settings.positive_prior, settings.clamp)
 
     parameters = backend.adapter_parameters(adapter)
-    record = optimise(adapter, parameters, batch_loss, larger, settings.epochs, settings.learning_rate,
-                      settings.batch_size, settings.seed, report)
+    record = optimise(adapter, parameters, batch_loss, larger, settings, report)
     record.examples = len(target) + len(auxiliary)
     return record
 

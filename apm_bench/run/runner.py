@@ -414,7 +414,8 @@ def _fit(
         GenerationRequest(
             messages=p.messages,
             seed=stable_seed("evaluation", u.id) if shared else stable_seed("evaluation", world.seed, u.id),
-            params=SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens),
+            params=SamplingParams(temperature=config.temperature if p.temperature is None else p.temperature,
+                                  max_tokens=config.max_tokens),
             adapter=p.adapter,
             soft_prompt=p.soft_prompt,
         )
