@@ -19,7 +19,7 @@ from apm_bench.sim.summarizer import SimSummarizer
 from apm_bench.world.catalog import Catalog
 from apm_bench.world.prompting import PREFERENCE_INSTRUCTION, SUMMARIZE_INSTRUCTION, VIBE_INSTRUCTION
 
-SIM_VERSION = "5"
+SIM_VERSION = "6"
 ADAPTER_FILE = "sim_adapter.pt"
 SUMMARIZER_ADAPTER_FILE = "sim_summarizer_adapter.pt"
 READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)  # bump when the simulator's behaviour changes, so old cache entries are not reused
@@ -109,12 +109,13 @@ class SimBackend(Backend):
         return "preference" if self.is_preference_request(request) else "response"
 
     def _vibes(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        """The catalog's description of each attribute side the messages show: what an LLM would
-        say about how this user writes, and nothing about the answers they want."""
+        """Catalog descriptions of the attribute sides the messages show: what an LLM would say
+        about how this user writes, and nothing about the answers they want."""
         generations = []
         for request in requests:
             shown = "\n".join(m.content for m in request.messages if m.role == "user")
-            text = self.summarizer.describe_writing(self.reader.attribute_evidence(shown))
+            rng = np.random.default_rng(stable_seed("sim-vibe", request.seed))
+            text = self.summarizer.describe_writing(self.reader.attribute_evidence(shown), request.params.temperature, rng)
             generations.append(Generation(text, 0.0 if request.params.logprobs else None,
                                           sum(len(m.content.split()) for m in request.messages), len(text.split())))
         return generations

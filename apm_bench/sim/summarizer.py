@@ -61,14 +61,18 @@ class SimSummarizer(nn.Module):
         self.register_buffer("base_map", base)
         self.adapters = nn.ParameterDict()
 
-    def describe_writing(self, evidence: np.ndarray) -> str:
-        """The catalog's description of the attribute side with the most evidence, and of up to
-        SUMMARY_LENGTH − 1 more with nearly as much: the salient traits, as a short description gives."""
-        order = [int(i) for i in np.argsort(-np.abs(evidence), kind="stable") if evidence[i] != 0][:SUMMARY_LENGTH]
-        if not order:
-            return "Writes plainly, with no particular style."
-        order = [i for i in order if abs(evidence[i]) >= 0.5 * abs(evidence[order[0]])]
-        return " ".join(self.writing[i][0 if evidence[i] > 0 else 1] for i in order)
+    def describe_writing(self, evidence: np.ndarray, temperature: float, rng: np.random.Generator) -> str:
+        """Catalog descriptions of attribute sides, drawn as POPI's untrained summaries are: each
+        side with evidence has logit DESCRIBE_STRENGTH × its share of the strongest evidence, every
+        other side 0, sampled SUMMARY_LENGTH times at the request's temperature. So a description
+        names the salient trait often, not always, and at temperature 0 names it every time."""
+        n = len(evidence)
+        strength = np.abs(evidence) / max(float(np.abs(evidence).max()), 1.0)
+        logits = np.zeros(2 * n)
+        logits[np.arange(n) + np.where(evidence > 0, 0, n)] = DESCRIBE_STRENGTH * strength
+        probs = torch.softmax(torch.as_tensor(logits) / max(temperature, 1e-4), dim=-1).numpy().astype(float)
+        picks = rng.choice(2 * n, size=SUMMARY_LENGTH, replace=True, p=probs / probs.sum())
+        return " ".join(dict.fromkeys(self.writing[i % n][i // n] for i in picks))
 
     def describe_preference(self, signal: np.ndarray, threshold: float = 0.05) -> str:
         """Preference statements for the principle whose markers differ most between the best and the
