@@ -20,10 +20,13 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from apm_bench.errors import CacheError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -66,11 +69,37 @@ class CallCache:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        _check_location(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection = sqlite3.connect(self.path, timeout=120.0, isolation_level=None, check_same_thread=False)
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._connection.execute(_SCHEMA)
+        with self._fault("open"):
+            self._connection = sqlite3.connect(self.path, timeout=120.0, isolation_level=None, check_same_thread=False)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._connection.execute(_SCHEMA)
+            damage = self._connection.execute("PRAGMA quick_check").fetchone()[0]
+        if damage != "ok":
+            raise CacheError(f"call cache {self.path} is damaged ({damage}); delete it or choose another with --cache")
+
+    @contextmanager
+    def _fault(self, doing: str) -> Iterator[None]:
+        """sqlite's errors as one line naming the cache and the real cause (a full disk, a damaged or
+        foreign file), never a traceback or a secondary error that hides the first."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            cause = str(exc)
+            hint = ("free some space or point --cache at another disk" if "full" in cause
+                    else "delete it or choose another file with --cache")
+            raise CacheError(f"call cache {self.path}: cannot {doing}: {cause}; {hint}") from None
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if sqlite has not already rolled it back itself (it does on a
+        full disk, and a second ROLLBACK would then raise an error that hides the real one)."""
+        if self._connection.in_transaction:
+            try:
+                self._connection.execute("ROLLBACK")
+            except sqlite3.DatabaseError:
+                pass
 
     def close(self) -> None:
         self._connection.close()
@@ -115,7 +144,7 @@ class CallCache:
                     mine.add(key)
             self._connection.execute("COMMIT")
         except BaseException:
-            self._connection.execute("ROLLBACK")
+            self._rollback()
             raise
         return mine
 
@@ -128,14 +157,19 @@ class CallCache:
             )
             self._connection.execute("COMMIT")
         except BaseException:
-            self._connection.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def _release(self, keys: Sequence[str]) -> None:
-        """Give up claims without an answer (a failure): the rows vanish, nothing is cached."""
-        self._connection.executemany(
-            "DELETE FROM calls WHERE key = ? AND value IS NULL AND owner = ?", [(k, self.owner) for k in keys]
-        )
+        """Give up claims without an answer (a failure): the rows vanish, nothing is cached. Best
+        effort: where even that cannot be written (a full disk), the claims stay until this process
+        ends, and then any run takes them over as abandoned."""
+        try:
+            self._connection.executemany(
+                "DELETE FROM calls WHERE key = ? AND value IS NULL AND owner = ?", [(k, self.owner) for k in keys]
+            )
+        except sqlite3.DatabaseError:
+            pass
 
     # ------------------------------------------------------------------ the one entry point
 
@@ -147,7 +181,12 @@ class CallCache:
         stats: CacheStats | None = None,
     ) -> list[Any | None]:
         """Values for every key; `compute(indices)` answers the missing ones (None = failed, not stored)."""
-        stats = stats or CacheStats()
+        with self._fault("read or write calls"):
+            return self._get_or_compute(keys, kind, compute, stats or CacheStats())
+
+    def _get_or_compute(
+        self, keys: Sequence[str], kind: str, compute: Callable[[list[int]], list[Any | None]], stats: CacheStats
+    ) -> list[Any | None]:
         results: list[Any | None] = [None] * len(keys)
         positions: dict[str, list[int]] = {}
         for index, key in enumerate(keys):
@@ -190,13 +229,37 @@ class CallCache:
             self._release(ordered)
             raise
         good = {k: v for k, v in zip(ordered, values) if v is not None}
-        self._store(good)
+        try:
+            self._store(good)
+        except BaseException:
+            self._release(ordered)  # claimed but never filled: give them back
+            raise
         self._release([k for k in ordered if k not in good])
         stats.misses += len(ordered)
         return dict(zip(ordered, values))
 
     def computations(self) -> dict[str, int]:
         return dict(self._connection.execute("SELECT key, computations FROM calls WHERE value IS NOT NULL"))
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_location(path: Path) -> None:
+    """Before sqlite touches it: a file (not a folder), an sqlite database if not empty, writable."""
+    if path.is_dir():
+        raise CacheError(f"call cache {path} is a folder; --cache takes a file path (e.g. {path / 'calls.sqlite'})")
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as handle:
+            if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise CacheError(f"call cache {path} is not an sqlite database; delete it or choose another file with --cache")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise CacheError(f"call cache {path} is read-only; choose another file with --cache or --no-cache")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise CacheError(f"call cache {path} lies under {folder}, which is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CacheError(f"call cache {path} cannot be written: {folder} is read-only; use --cache elsewhere or --no-cache")
 
 
 def _abandoned(owner: str | None, claimed_at: float | None, now: float) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from apm_bench.errors import ApmError
+from apm_bench.inputs import check_output_dir
 
 if TYPE_CHECKING:
     from apm_bench.run.config import RunConfig
@@ -222,7 +224,7 @@ def _fail(message: str, code: int) -> None:
 @app.command("serve-sim")
 def serve_sim(
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
-    port: int = typer.Option(8000, help="port to listen on"),
+    port: int = typer.Option(8000, min=1, max=65535, help="port to listen on"),
     judge_noise: float = typer.Option(0.75, "--judge-noise", help="rating noise of the sim-judge model"),
     judge_bias: float = typer.Option(0.0, "--judge-bias", help="added to every sim-judge score"),
 ) -> None:
@@ -245,8 +247,9 @@ def judge_analyze(
     """Antonym-consistency table, correlation heatmap and balance chart for judge score files."""
     from apm_bench.judging.analysis import diagnostics_table, load_judge_scores, write_diagnostics
 
+    target = check_output_dir(out or Path(directory) / "analysis", "--out")
     judges = load_judge_scores(directory)
-    paths = write_diagnostics(judges, out or Path(directory) / "analysis")
+    paths = write_diagnostics(judges, target)
     _print_judge_table(diagnostics_table(judges))
     for path in paths.values():
         console.print(f"wrote {path}")
@@ -262,10 +265,11 @@ def judge_calibrate(
     judge_noise: float = typer.Option(0.75, "--judge-noise", help="sim-judge only: rating noise"),
     model: str = typer.Option("sim-large", help="model that writes the responses to rate"),
     per_pair: int = typer.Option(160, "--per-pair", min=2, help="responses per antonym pair (the paper: 160)"),
-    seed: int = typer.Option(0, help="seed of prompts, instructions and sampling"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of prompts, instructions and sampling"),
     out: Path = typer.Option(Path("results/judges"), help="folder for the score file and the analysis"),
 ) -> None:
     """Have a judge rate both words of every antonym pair, save the scores, then analyse them."""
+    check_output_dir(out, "--out")
     from apm_bench.judging.calibration import calibrate
 
     path, dropped = calibrate(
@@ -324,6 +328,8 @@ def leaderboard(
     """Render the leaderboard from recorded runs (or check that the committed one is current)."""
     from apm_bench.reporting import leaderboard as board
 
+    if not check:
+        check_output_dir(out, "--out")
     if check:
         try:
             board.check(runs, out)
@@ -370,6 +376,7 @@ def robustness(
     run_config = load_config(config, overrides)
     if no_cache:
         run_config = run_config.model_copy(update={"cache": None})
+    check_output_dir(out or Path("results/robustness"), "--out")
     check = robustness_config(run_config, {"mmlu-pro": mmlu_pro, "truthfulqa": truthfulqa, "bbq": bbq},
                               limit=limit, seed=seed, world=world, out=out)
     import pandas as pd
@@ -410,6 +417,7 @@ def curve(
         raise ApmError(f"--vary {field} sets {field} itself; drop --{field.replace('_', '-')}")
     values = parse_values(text)
     base = _run_config({**options, "out": options["out"] or Path("results/curves")})
+    check_output_dir(base.out, "--out")
     with _progress_bar(60) as bar:
         points = bar.add_task("points", total=None)
         stage = bar.add_task("preparing", total=None)
@@ -467,7 +475,10 @@ def select_attributes(
 
 
 def main() -> None:
-    """Entry point: bad input becomes one `error: …` line on stderr and a non-zero exit code."""
+    """Entry point: bad input becomes one `error: …` line on stderr and exit code 2; any other
+    failure one line and exit code 1, with the traceback only under `--debug` (or APM_DEBUG=1)."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("APM_DEBUG") == "1"
+    sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--debug")]
     try:
         result = app(standalone_mode=False)
     except ApmError as exc:
@@ -475,16 +486,32 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:
-        # typer bundles its own copy of click, so its usage errors are recognised by shape.
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `apm`: show the help, exit as click does
-            print(exc.format_message())  # type: ignore[attr-defined]
-            sys.exit(2)
-        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            _fail(exc.format_message(), int(exc.exit_code))
-        if type(exc).__name__ == "Abort":
-            _fail("aborted", 1)
-        raise
+        _usage_error(exc)
+        if debug:
+            raise
+        _fail(_last_resort(exc), 1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _usage_error(exc: Exception) -> None:
+    """typer bundles its own copy of click, so its usage errors are recognised by shape."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # bare `apm`: show the help, exit as click does
+        print(exc.format_message())  # type: ignore[attr-defined]
+        sys.exit(2)
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+        _fail(exc.format_message(), int(exc.exit_code))
+    if type(exc).__name__ == "Abort":
+        _fail("aborted", 1)
+
+
+def _last_resort(exc: Exception) -> str:
+    """One line for a failure nothing named earlier: the system's words for an OS fault (a full
+    disk, a vanished folder), else the exception, and where the traceback is."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where} (rerun with --debug for the traceback)"
+    detail = str(exc).splitlines()[0] if str(exc) else "no message"
+    return f"unexpected {type(exc).__name__}: {detail} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ class ConfigError(ApmError):
     """A run option or config file is invalid."""
 
 
+class CacheError(ApmError):
+    """The call cache cannot be used: a folder or foreign file at its path, damaged, read-only, or
+    on a full disk."""
+
+
 class PromptFileError(ApmError):
     """A prompt file or conversation file is missing or malformed."""
 

@@ -166,3 +166,43 @@ def test_two_runs_share_one_cache_at_once(tmp_path: Path, reference: tuple[list[
     assert _metrics(tmp_path / "b") == reference[0]
     assert _stored(cache) == reference[1]
     assert _max_computations(cache) == 1
+
+
+def test_a_full_disk_is_reported_as_such_and_leaves_no_claimed_empty_rows(tmp_path: Path) -> None:
+    """sqlite's page limit stands in for a full disk: the same SQLITE_FULL error, on any machine."""
+    from apm_bench.errors import CacheError
+
+    cache = CallCache(tmp_path / "calls.sqlite")
+    cache.get_or_compute(["small"], "test", lambda idx: ["fits"])
+    pages = cache._connection.execute("PRAGMA page_count").fetchone()[0]
+    cache._connection.execute(f"PRAGMA max_page_count = {pages + 2}")
+    big = ["x" * 20_000 for _ in range(20)]
+    with pytest.raises(CacheError, match="database or disk is full; free some space"):
+        cache.get_or_compute([f"big-{i}" for i in range(20)], "test", lambda idx: [big[i] for i in idx])
+    left = cache._connection.execute("SELECT COUNT(*) FROM calls WHERE value IS NULL").fetchone()[0]
+    assert left == 0  # the claims were released, not left for other runs to wait on
+    assert cache.stored(["small"]) == {"small": "fits"}  # what was stored before is intact
+    cache.close()
+
+
+@pytest.mark.parametrize("case", ["folder", "foreign file", "damaged", "under a file"])
+def test_an_unusable_cache_path_is_one_clear_error_before_any_call(tmp_path: Path, case: str) -> None:
+    from apm_bench.errors import CacheError
+
+    path = tmp_path / "calls.sqlite"
+    if case == "folder":
+        path.mkdir()
+    elif case == "foreign file":
+        path.write_text("not a database\n")
+    elif case == "damaged":
+        good = CallCache(path)
+        good.get_or_compute([f"k{i}" for i in range(200)], "test", lambda idx: ["v" * 500 for _ in idx])
+        good.close()
+        data = bytearray(path.read_bytes())
+        data[4096 : 4096 + 12] = b"\xff" * 12  # scribble over the second page's b-tree header
+        path.write_bytes(bytes(data))
+    else:
+        (tmp_path / "a-file").write_text("x")
+        path = tmp_path / "a-file" / "calls.sqlite"
+    with pytest.raises(CacheError, match=str(path)):
+        CallCache(path)

@@ -47,3 +47,74 @@ def test_a_run_over_http_matches_the_in_process_simulator(server_url: str, embed
     # the judge really went over HTTP: probability-weighted scores are rarely whole numbers
     scores = [s for ratings in over_http.samples["ratings"] for s in ratings]
     assert sum(float(s) != round(float(s)) for s in scores) > len(scores) / 2
+
+
+def test_a_server_killed_and_restarted_mid_run_is_retried_and_the_metrics_are_identical(
+    embedder: HistoryEmbedder, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import threading
+    import time
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    log = tmp_path_factory.mktemp("restarted") / "server.log"
+    command = [sys.executable, "-m", "apm_bench.cli", "serve-sim", "--port", str(port)]
+    servers = [start(command, log)]
+    wait_until_serving(url, servers[0], log, timeout=60)
+    stages: list[str] = []
+
+    def outage() -> None:  # once the run has begun: down for about 3 s, then the same server again
+        while not stages:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        stop(servers[0])
+        time.sleep(3)
+        servers.append(start(command, log))
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    try:
+        over_http = run_benchmark(RunConfig(**SMALL, backend="openai", base_url=url),
+                                  progress=lambda text, done, total: stages.append(text), embedder=embedder)
+    finally:
+        thread.join()
+        stop(servers[-1])
+    in_process = run_benchmark(RunConfig(**SMALL), embedder=embedder)
+    assert any("retry" in s for s in stages)  # the outage happened, and the progress line said so
+    assert list(over_http.samples["response"]) == list(in_process.samples["response"])
+    for method in ("oracle", "routing"):
+        assert _pooled(over_http, method).model_dump() == _pooled(in_process, method).model_dump()
+
+
+def _unreachable_run(base_url: str) -> RunConfig:
+    fast_fail = {"connect_timeout": 1, "retry_budget": 5, "max_retries": 50}
+    return RunConfig(**SMALL, backend="openai", base_url=base_url, engine_options={"generator": fast_fail},
+                     allow_simulated_roles=True)
+
+
+def test_a_dead_port_and_an_unreachable_address_fail_with_one_error_within_the_retry_budget(embedder: HistoryEmbedder) -> None:
+    import socket
+
+    from apm_bench.backends.openai_compat import RemoteCallError
+
+    # nothing listens: refused at once, retried until the budget is spent
+    with pytest.raises(RemoteCallError, match="failed every request for .* s \\(retry budget 5 s\\)"):
+        run_benchmark(_unreachable_run(f"http://127.0.0.1:{free_port()}/v1"), embedder=embedder)
+    # a blackhole: a port whose full accept queue drops every new connection, so connects hang
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+    try:
+        with pytest.raises(RemoteCallError, match="APITimeoutError"):
+            run_benchmark(_unreachable_run(f"http://127.0.0.1:{port}/v1"), embedder=embedder)
+    finally:
+        for sock in (*fillers, server):
+            sock.close()

@@ -40,3 +40,34 @@ def test_a_run_of_a_model_given_as_a_path_or_hub_id_is_written(embedder: History
         assert json.loads((folder / "config.json").read_text())["model"] == model
         assert (folder / "metrics.json").is_file() and (folder / "report.md").is_file()
     assert not list((tmp_path / "runs").glob(".tmp-*"))
+
+
+def test_two_runs_publishing_the_same_name_both_keep_their_folders(tmp_path: Path) -> None:
+    """A concurrent run that took the name between the check and the rename: the second gets -2."""
+    from apm_bench.reporting.results import publish
+
+    first, second = tmp_path / ".tmp-a-1", tmp_path / ".tmp-a-2"
+    for staging, marker in ((first, "one"), (second, "two")):
+        staging.mkdir()
+        (staging / "metrics.json").write_text(marker)
+    assert publish(first, tmp_path, "20261129-run").name == "20261129-run"
+    assert publish(second, tmp_path, "20261129-run").name == "20261129-run-2"
+    assert (tmp_path / "20261129-run" / "metrics.json").read_text() == "one"
+    assert (tmp_path / "20261129-run-2" / "metrics.json").read_text() == "two"
+
+
+def test_staging_folders_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from apm_bench.reporting.results import remove_stale_staging
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".tmp-20261129-run-{finished.stdout.strip()}"
+    alive = tmp_path / f".tmp-20261129-other-{os.getpid()}"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "samples.parquet").write_bytes(b"partial")
+    remove_stale_staging(tmp_path)
+    assert not dead.exists() and alive.exists()

@@ -18,7 +18,8 @@ import json
 import os
 import random
 import threading
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -121,6 +122,8 @@ class OpenAIBackend(Backend):
         max_concurrency: int = 16,
         max_retries: int = 5,
         timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        retry_budget: float = 60.0,
         chat_template_kwargs: dict[str, Any] | None = None,
         extra_body: dict[str, Any] | None = None,
         max_model_len: int | None = None,
@@ -128,15 +131,17 @@ class OpenAIBackend(Backend):
         **unknown: Any,
     ) -> None:
         if unknown:
-            known = ("base_url, api_key_env, max_concurrency, max_retries, timeout, chat_template_kwargs, "
+            known = ("base_url, api_key_env, max_concurrency, max_retries, timeout, connect_timeout, retry_budget, "
+                     "chat_template_kwargs, "
                      "extra_body, max_model_len, structured_outputs")
             raise ConfigError(f"unknown option(s) for the openai backend: {', '.join(sorted(unknown))}; known: {known}")
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigError(f"max_retries must be a non-negative integer, got {max_retries!r}")
-        if not timeout or timeout <= 0:
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        for label, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout), ("retry_budget", retry_budget)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+                raise ConfigError(f"{label} must be a positive number of seconds, got {seconds!r}")
         if not api_key_env:
             raise ConfigError("api_key_env must name an environment variable")
         if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
@@ -152,6 +157,12 @@ class OpenAIBackend(Backend):
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.retry_budget = float(retry_budget)
+        #: retries so far, and since when every attempt has failed (None: the last one succeeded)
+        self.retries = 0
+        self._failing_since: float | None = None
+        self._report: Callable[[str], None] | None = None
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.extra_body = dict(extra_body or {})
         self._window: int | None = max_model_len
@@ -200,11 +211,17 @@ class OpenAIBackend(Backend):
         request = urllib.request.Request(
             f"{self.server_root}{path}", method=method, data=json.dumps(body).encode() if body is not None else None,
             headers={"Authorization": f"Bearer {self._api_key()}", "Content-Type": "application/json"})
+        started = time.monotonic()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's server)
+            with urllib.request.urlopen(request, timeout=self.connect_timeout) as response:  # noqa: S310 (the user's server)
                 data = json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.HTTPError, ValueError):
+            return None  # the server answered: it does not offer this, or not as JSON
+        except (urllib.error.URLError, OSError):
+            # not answered at all: the retry budget's clock starts here, not at the first generation
+            self._failing_since = self._failing_since or started
             return None
+        self._failing_since = None
         return data if isinstance(data, dict) else None
 
     def context_window(self) -> int | None:
@@ -332,15 +349,34 @@ class OpenAIBackend(Backend):
             return error.status_code >= 500 or error.status_code in (408, 429)
         return False
 
+    def set_reporter(self, report: Callable[[str], None]) -> None:
+        """Where retries are announced (the run's progress line)."""
+        self._report = report
+
+    def _give_up(self, error: Exception, model: str, attempt: int, started: float, delay: float) -> RemoteCallError | None:
+        """The error to stop with, or None to retry after `delay`: after the request's last attempt,
+        or when every attempt of every request has been failing for so long that the next one would
+        end beyond the retry budget. A server that cannot be reached thus fails the run in about
+        `retry_budget` seconds, not after each request's full backoff."""
+        self._failing_since = self._failing_since or started
+        failing = time.monotonic() - self._failing_since
+        if attempt > self.max_retries or failing + delay + self.connect_timeout > self.retry_budget:
+            why = (f"failed a request for model {model!r} {attempt} time(s)" if attempt > self.max_retries
+                   else f"has failed every request for {failing:.0f} s (retry budget {self.retry_budget:.0f} s)")
+            return RemoteCallError(f"{self.effective_base_url} {why}; last error: {type(error).__name__}: "
+                                   f"{getattr(error, 'message', error)}")
+        return None
+
     async def _generate_one(self, client: Any, semaphore: asyncio.Semaphore, request: GenerationRequest) -> Generation:
         import openai
 
         kwargs = self.request_kwargs(request)
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
+        for attempt in range(1, self.max_retries + 2):
             async with semaphore:
+                started = time.monotonic()
                 try:
                     completion = await client.chat.completions.create(**kwargs)
+                    self._failing_since = None
                     return self.to_generation(completion, request)
                 except openai.APIError as error:
                     if is_context_error(error):
@@ -351,12 +387,14 @@ class OpenAIBackend(Backend):
                             f"{self.effective_base_url} refused a request for model {kwargs['model']!r} "
                             f"(HTTP {status}): {error.message}"
                         ) from error
-                    if attempt == attempts - 1:
-                        raise RemoteCallError(
-                            f"{self.effective_base_url} failed a request for model {kwargs['model']!r} "
-                            f"{attempts} time(s); last error: {type(error).__name__}: {error.message}"
-                        ) from error
-                    delay = self._backoff(attempt, error)
+                    delay = self._backoff(attempt - 1, error)
+                    stop = self._give_up(error, kwargs["model"], attempt, started, delay)
+                    if stop is not None:
+                        raise stop from error
+                    self.retries += 1
+                    if self._report is not None:
+                        self._report(f"{self.effective_base_url}: {type(error).__name__}, retry {attempt}/"
+                                     f"{self.max_retries} in {delay:.1f} s ({self.retries} retries so far)")
             await asyncio.sleep(delay)  # outside the semaphore: a waiting retry holds no slot
         raise AssertionError("unreachable")
 
@@ -365,7 +403,8 @@ class OpenAIBackend(Backend):
 
         semaphore = asyncio.Semaphore(self.max_concurrency)
         client = openai.AsyncOpenAI(
-            base_url=self.effective_base_url, api_key=self._api_key(), max_retries=0, timeout=self.timeout
+            base_url=self.effective_base_url, api_key=self._api_key(), max_retries=0,
+            timeout=openai.Timeout(self.timeout, connect=self.connect_timeout),
         )
         try:
             tasks = [asyncio.create_task(self._generate_one(client, semaphore, r)) for r in requests]

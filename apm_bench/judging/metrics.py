@@ -35,6 +35,12 @@ class MethodMetrics(BaseModel):
     trimmed_prompts: int = 0
 
 
+def _resampled_sums(values: np.ndarray, n_resamples: int, rng: np.random.Generator, cells: int = 2**22) -> np.ndarray:
+    chunk = max(1, cells // max(values.size, 1))
+    return np.concatenate([values[rng.integers(0, values.size, size=(min(chunk, n_resamples - start), values.size))].sum(axis=1)
+                           for start in range(0, n_resamples, chunk)])
+
+
 def bootstrap_ci(
     values: np.ndarray,
     seed: int,
@@ -55,8 +61,9 @@ def bootstrap_ci(
     strata = np.zeros(values.size, dtype=int) if strata is None else np.asarray(strata)
     groups = [values[strata == s] for s in np.unique(strata)]
     sizes = np.array([g.size for g in groups], dtype=float)
-    # Bootstrap sums of users within every world, one column per resample.
-    sums = np.stack([g[rng.integers(0, g.size, size=(n_resamples, g.size))].sum(axis=1) for g in groups])
+    # Bootstrap sums of users within every world, one column per resample; drawn in chunks (the same
+    # stream as one draw) so memory stays bounded however many resamples are asked for.
+    sums = np.stack([_resampled_sums(g, n_resamples, rng) for g in groups])
     if len(groups) == 1:
         means = sums[0] / sizes[0]
     else:

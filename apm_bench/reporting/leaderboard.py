@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
-from apm_bench.errors import ApmError
+from apm_bench.errors import ApmError, ConfigError, first_error
+from apm_bench.inputs import read_text
 from apm_bench.reporting.results import RunRecord
 
 BASELINE, ORACLE, PRIOR = "baseline", "oracle", "prior"
@@ -94,13 +96,37 @@ def length_controlled_delta(samples: pd.DataFrame, method: str) -> float | None:
     return float(intercept)
 
 
-def _run_rows(folder: Path) -> list[dict[str, Any]]:
-    record = RunRecord.model_validate_json((folder / "metrics.json").read_text(encoding="utf-8"))
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    control = config.get("control") or ""
+def read_run_folder(folder: Path) -> tuple[RunRecord, dict[str, Any], pd.DataFrame | None]:
+    """metrics.json, config.json and the samples a leaderboard reads; a damaged run folder is one
+    error naming it and the file, so one bad folder never hides behind a traceback."""
+    try:
+        record = RunRecord.model_validate_json(read_text(folder / "metrics.json", "run record", ConfigError))
+    except ValidationError as exc:
+        raise ConfigError(f"run folder {folder}: metrics.json is not a run record ({first_error(exc)})") from None
+    try:
+        config = json.loads(read_text(folder / "config.json", "run config", ConfigError))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run folder {folder}: config.json is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"run folder {folder}: config.json must hold a JSON object")
     samples_path = folder / "samples.parquet"
-    samples = pd.read_parquet(samples_path, columns=["world", "user_id", "method", "response", "reward"]) if samples_path.is_file() else None
-    setting = _setting(config)
+    samples = None
+    if samples_path.is_file():
+        try:
+            samples = pd.read_parquet(samples_path, columns=["world", "user_id", "method", "response", "reward"])
+        except Exception as exc:  # pyarrow raises many kinds for a damaged or foreign file
+            raise ConfigError(f"run folder {folder}: samples.parquet cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    return record, config, samples
+
+
+def _run_rows(folder: Path) -> list[dict[str, Any]]:
+    record, config, samples = read_run_folder(folder)
+    control = config.get("control") or ""
+    try:
+        setting = _setting(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"run folder {folder}: config.json lacks a valid {exc} entry") from None
     rows = []
     for m in record.metrics:
         if m.world != "pooled" or m.method == BASELINE:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from apm_bench.errors import ApmError
 from apm_bench.judging.label_diagnostics import LabelDiagnostics
 from apm_bench.judging.metrics import MethodMetrics
 from apm_bench.reporting.report import plot_deltas, plot_training, render_report
@@ -105,18 +106,53 @@ def training_summary(entry: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def remove_stale_staging(root: Path) -> None:
+    """Delete `.tmp-…-<pid>` folders whose writing process is gone (a run killed while writing)."""
+    for folder in root.glob(".tmp-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def free_name(root: Path, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, … : the first no folder under `root` has."""
+    suffix = 1
+    while (root / (candidate := name if suffix == 1 else f"{name}-{suffix}")).exists():
+        suffix += 1
+    return candidate
+
+
+def publish(staging: Path, root: Path, name: str) -> Path:
+    """Rename the finished folder to `name`, or to `name-2`, `name-3`, … when another run (perhaps
+    a concurrent one) took that name first: never onto an existing folder."""
+    while True:
+        final = root / free_name(root, name)
+        try:
+            staging.rename(final)
+            return final
+        except OSError:  # taken between the check and the rename
+            if not final.exists():
+                raise
+
+
 def write_run(result: RunResult, wall_seconds: float) -> Path:
     """Write everything to a temporary folder, then rename it to its final, unused name."""
     root = Path(result.config.out)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root)
     created = datetime.now(timezone.utc)
-    run_id = new_run_id(result, created)
-    final = root / run_id
-    suffix = 1
-    while final.exists():
-        suffix += 1
-        final = root / f"{run_id}-{suffix}"
-    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    run_id = free_name(root, new_run_id(result, created))
+    staging = root / f".tmp-{run_id}-{os.getpid()}"
     staging.mkdir()
     try:
         config = result.config.model_dump(mode="json")
@@ -126,7 +162,7 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         result.samples.to_parquet(staging / "samples.parquet", index=False)
         record = RunRecord(
-            run_id=final.name,
+            run_id=run_id,
             created=created.isoformat(timespec="seconds"),
             model=result.config.model,
             methods=list(dict.fromkeys(result.samples["method"])),
@@ -145,8 +181,15 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
         (staging / "metrics.json").write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
         plot_deltas(result.metrics, staging / "delta.png")
         (staging / "report.md").write_text(render_report(result, record.run_id, record.wall_seconds), encoding="utf-8")
-        staging.rename(final)
+        final = publish(staging, root, run_id)
+    except OSError as exc:  # a full disk, a folder that vanished: say so; nothing half-written stays
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ApmError(f"cannot write the run into {root}: {exc.strerror or exc}; nothing was kept there and "
+                       f"earlier runs are untouched; every call is cached, so a rerun once it can write is quick") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if final.name != run_id:  # a concurrent run took the name in the meantime: the record follows the folder
+        record.run_id = final.name
+        (final / "metrics.json").write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return final

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apm_bench.errors import ConfigError, first_error
+from apm_bench.inputs import read_yaml
 from apm_bench.run.config import Control, MappingKind, RunConfig
 
 if TYPE_CHECKING:
@@ -48,13 +48,9 @@ def setting_name(model: str, mapping: str, n_attr: int) -> str:
 
 
 def load_suite(path: Path) -> SuiteConfig:
-    if not Path(path).is_file():
-        raise ConfigError(f"suite config not found: {path}")
+    data = read_yaml(path, "suite config") or {}
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         return SuiteConfig.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed YAML in {path}: {getattr(exc, 'problem', exc)}") from None
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid suite option {first_error(exc)}") from None
 

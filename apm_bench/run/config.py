@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apm_bench.errors import ConfigError, first_error
+from apm_bench.inputs import read_yaml
 from apm_bench.judging.sim_judge import SimJudgeConfig
 from apm_bench.run.protocol import Protocol, apply_protocol
 from apm_bench.sim.writer import SimWriterConfig
@@ -28,6 +28,15 @@ ROLE_PRESETS: dict[str, dict[str, str | None]] = {
     # generator (the paper used Nemotron-3-Super, which apm-bench ships no alias for)
     "paper": {"candidate_model": None, "writer_model": "gpt-oss-120b", "judge_model": "gpt-oss-120b"},
 }
+
+
+#: numbers numpy and scikit-learn accept as seeds
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+#: bounds that keep a typo from becoming a run that fills the machine's memory or never ends
+MAX_USERS = 10_000_000
+MAX_WORLDS = 1_000
+MAX_HISTORY = 1_000
+MAX_RESAMPLES = 100_000
 
 
 def default_cache_path() -> Path:
@@ -81,15 +90,16 @@ class RunConfig(BaseModel):
     )
     engine_budget: int = Field(default=1, ge=1, description="engines holding device memory (vllm) resident at once")
     cache: Path | None = Field(default_factory=lambda: default_cache_path(), description="call cache (sqlite); None = off")
-    worlds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="world seeds (one C each)")
-    users: int = Field(default=400, ge=10, description="users in the population")
+    worlds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=MAX_WORLDS,
+                               description="world seeds (one C each)")
+    users: int = Field(default=400, ge=10, le=MAX_USERS, description="users in the population")
     n_attr: int = Field(default=1, ge=1, description="active attributes per user")
     pool: int = Field(default=10, ge=2, description="principles and attributes in the pool: the catalog's pool "
                                                     "of that size (pools.yaml), else a prefix of its largest")
     mapping: MappingKind = "permutation"
     n_perm: int = Field(default=1, ge=1, description="overlaid signed permutations in C")
     max_targets: int | None = Field(default=None, ge=1, description="keep only the largest |r| entries as targets")
-    history_len: int = Field(default=8, ge=0, description="past messages per user")
+    history_len: int = Field(default=8, ge=0, le=MAX_HISTORY, description="past messages per user")
     drawn_history_len: int | None = Field(
         default=None, ge=0, description="past messages drawn per simulated user, of which methods see the first "
                                         "history_len (None: history_len); a history-length curve sets its longest "
@@ -101,7 +111,7 @@ class RunConfig(BaseModel):
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     label_strategy: list[str] = Field(default_factory=lambda: ["margin"], min_length=1)
     control: Control | None = None
-    data_seed: int = Field(default=0, description="seed of the population (attributes, histories, prompts)")
+    data_seed: Seed = Field(default=0, description="seed of the population (attributes, histories, prompts)")
     balanced_population: bool = Field(
         default=True, description="attributes and sides used evenly by design (False: each user draws them independently)"
     )
@@ -129,8 +139,8 @@ class RunConfig(BaseModel):
     test_conversations_file: Path | None = Field(
         default=None, description="the authors' separate test file: its users are every world's test users")
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    bootstrap_resamples: int = Field(default=2000, ge=100)
-    bootstrap_seed: int = 0
+    bootstrap_resamples: int = Field(default=2000, ge=100, le=MAX_RESAMPLES)
+    bootstrap_seed: Seed = 0
     out: Path = Path("results/runs")
     keep_artifacts: bool = Field(default=True, description="copy trained weights into the run folder")
 
@@ -144,6 +154,27 @@ class RunConfig(BaseModel):
         unknown = [v for v in value if v not in LABEL_STRATEGIES]
         if unknown:
             raise ValueError(f"unknown label strategy {unknown[0]!r}; use one of {', '.join(LABEL_STRATEGIES)} or 'all'")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, value: list[str]) -> list[str]:
+        repeated = sorted({m for m in value if value.count(m) > 1})
+        if repeated:
+            raise ValueError(f"method {repeated[0]!r} is listed twice; each method runs once per run")
+        return value
+
+    @field_validator("method_options")
+    @classmethod
+    def _options_of_known_methods(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from apm_bench.errors import UnknownNameError
+        from apm_bench.methods import METHODS
+
+        for name in value:
+            try:
+                METHODS.get(name)
+            except UnknownNameError as exc:
+                raise ValueError(f"options for {exc}") from None
         return value
 
     @field_validator("worlds")
@@ -200,16 +231,33 @@ class RunConfig(BaseModel):
         return self
 
 
+def estimated_memory(config: RunConfig) -> int:
+    """A rough upper bound of a run's peak memory in bytes, from its sizes: the libraries and φ,
+    every user's messages, candidates and embeddings, and one row per (world, test user, method).
+    It exists to refuse, before any work, a run that could never fit, not to plan tight ones."""
+    per_user = (config.history_len + 2 * config.pool + 2) * 4096
+    samples = len(config.worlds) * config.users * config.test_fraction * (len(config.methods) + 3) * 4096
+    return int(1.5 * 2**30 + config.users * per_user + samples)
+
+
+def check_memory(config: RunConfig) -> None:
+    """Refuse a run whose estimate exceeds the machine's physical memory."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not knowable here (e.g. some non-Linux systems)
+        return
+    needed = estimated_memory(config)
+    if needed > physical:
+        raise ConfigError(f"a run of {config.users} users × {len(config.worlds)} worlds needs about "
+                          f"{needed / 2**30:.0f} GiB, more than this machine's {physical / 2**30:.0f} GiB; "
+                          f"lower --users or --worlds")
+
+
 def load_config(path: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """Defaults ← YAML file ← CLI options (only those the user actually set)."""
     data: dict[str, Any] = {}
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"malformed YAML in {path}: {getattr(exc, 'problem', exc)}") from None
+        loaded = read_yaml(path, "config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of run options")
         data.update(loaded)

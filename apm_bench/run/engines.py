@@ -7,6 +7,7 @@ engines that hold device memory load when first used, at most `engine_budget` at
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,13 @@ class Engines:
             if isinstance(stats, CacheStats):
                 counts.update({f"{prefix}_{k}": float(v) for k, v in stats.snapshot().items()})
         return counts
+
+    def report_retries(self, report: Callable[[str], None]) -> None:
+        """Engines that retry over a network (openai) announce each retry through `report`."""
+        for backend in {id(b): b for b in (self.generator, self.candidate_writer, *self.backends)}.values():
+            hook = getattr(backend, "set_reporter", None)
+            if callable(hook):
+                hook(report)
 
     def close(self) -> None:
         for backend in {id(b): b for b in (self.generator, self.candidate_writer, *self.backends)}.values():

@@ -30,7 +30,8 @@ from apm_bench.methods import METHODS, FitContext, FitUser, Personalizer, UserVi
 from apm_bench.methods.artifacts import ArtifactStore
 from apm_bench.methods.context_budget import ContextBudget
 from apm_bench.methods.embedder import HistoryEmbedder
-from apm_bench.run.config import RunConfig
+from apm_bench.inputs import check_output_dir
+from apm_bench.run.config import RunConfig, check_memory
 from apm_bench.run.engines import Engines, build_engines, check_roles
 from apm_bench.sim.style import stable_seed
 from apm_bench.sim.writer import SimHistoryWriter
@@ -236,6 +237,8 @@ def run_benchmark(
     config: RunConfig, progress: Progress | None = None, embedder: HistoryEmbedder | None = None
 ) -> RunResult:
     """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
+    check_memory(config)
+    check_output_dir(config.out, "output folder (--out)")  # found now, not after the run is computed
     variants = plan_methods(config)
     say = Stages(progress, total=len(config.worlds) * len(variants) + 6)
     say("population")
@@ -245,6 +248,7 @@ def run_benchmark(
     if config.train_users is not None:  # so does a cap larger than a world's training set
         build_worlds(config, catalog, load_population(config, catalog))
     engines = build_engines(config, catalog, embedder)
+    engines.report_retries(say.detail)
     try:
         population = load_population(config, catalog, engines.history_writer)
         return _run_all(config, variants, catalog, population, engines, say)

@@ -103,6 +103,11 @@ def load_prompts(path: Path | None = None) -> list[NeutralPrompt]:
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise PromptFileError(f"{path}: prompt ids are not unique")
+    texts = [" ".join(p.text.split()).lower() for p in prompts]
+    if len(set(texts)) != len(texts):
+        repeated = next(p.text for p, t in zip(prompts, texts) if texts.count(t) > 1)
+        raise PromptFileError(f"{path}: {len(texts) - len(set(texts))} prompts repeat another's text "
+                              f"(e.g. {repeated[:60]!r}); users would get the same request twice")
     return prompts
 
 
