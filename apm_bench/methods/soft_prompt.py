@@ -197,14 +197,14 @@ class SoftPromptMethod(Personalizer):
 
     def fit(self, context: FitContext) -> None:
         self._embed = context.embedder.embed_histories
+        # the trainer is the generator, or transformers beside a vLLM generator: the simulator only
+        # trains itself, so the generator says which preset applies without loading any trainer
+        self.settings = resolve_settings(self.options, context.generator.capabilities.simulated)
         given = existing_artifacts(self.name, self.options.artifacts)
         if given is not None:
-            self.settings = resolve_settings(self.options, context.generator.capabilities.simulated)
             self._load(given, "soft-prompt-" + given.name, export=False)
             return
         pairs, features = self._pairs(context)
-        engine = trainer(self.name, context)
-        self.settings = resolve_settings(self.options, engine.capabilities.simulated)
         options = {**self.options.model_dump(mode="json", exclude={"artifacts"}), "resolved": self.settings.model_dump(mode="json")}
         key = artifact_key(self.name, context, options, [(p.request.messages[-1].content, p.chosen, p.rejected) for p in pairs]
                            + [np.round(features, 6).tolist()])
@@ -213,6 +213,7 @@ class SoftPromptMethod(Personalizer):
             self._load(found, key)
             self.record = TrainingRecord(name=key, examples=len(pairs), reused=True)
             return
+        engine = trainer(self.name, context)  # built only now: stored weights need no trainer
         self._train(engine, key, pairs, features, context)
         if context.artifacts is not None:
             with context.artifacts.writing(key) as staging:
