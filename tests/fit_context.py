@@ -14,7 +14,7 @@ from apm_bench.methods.base import FitContext, FitUser
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.run.config import RunConfig
 from apm_bench.run.engines import build_engines
-from apm_bench.run.runner import load_pool_catalog, load_population
+from apm_bench.run.setup import load_pool_catalog, load_population
 from apm_bench.world.world import build_world
 
 

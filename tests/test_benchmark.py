@@ -19,7 +19,8 @@ from apm_bench.methods import FitContext, Personalization, Personalizer, UserVie
 from apm_bench.methods.base import MethodOptions
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.run.config import RunConfig
-from apm_bench.run.runner import prepare, run_benchmark
+from apm_bench.run.runner import run_benchmark
+from apm_bench.run.setup import prepare
 from apm_bench.world.catalog import load_catalog
 from apm_bench.world.prompting import style_instruction
 from apm_bench.world.users import Target

@@ -13,7 +13,8 @@ from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.rag import Rag
 from apm_bench.methods.rag_advanced import RagAdvanced
 from apm_bench.run.config import RunConfig
-from apm_bench.run.runner import load_pool_catalog, load_population, run_benchmark
+from apm_bench.run.runner import run_benchmark
+from apm_bench.run.setup import load_pool_catalog, load_population
 
 
 def _pooled(result, method: str):  # type: ignore[no-untyped-def]

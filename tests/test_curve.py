@@ -20,7 +20,7 @@ from apm_bench.reporting.curve import CurveRecord, parse_values, plan_curve, run
 from apm_bench.reporting.report import geometric
 from apm_bench.reporting.results import RunRecord
 from apm_bench.run.config import RunConfig, load_config
-from apm_bench.run.runner import build_worlds, prepare
+from apm_bench.run.setup import build_worlds, prepare
 from apm_bench.world.users import stratum
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -114,7 +114,7 @@ def test_the_protocol_gives_test_users_prompts_no_training_user_sees(catalog: Ca
     import json
 
     from apm_bench.run.config import RunConfig
-    from apm_bench.run.runner import load_population, prompt_pools
+    from apm_bench.run.setup import load_population, prompt_pools
     from apm_bench.sim.writer import SimHistoryWriter
 
     class Recording(SimHistoryWriter):

@@ -155,7 +155,7 @@ def curve_record(
 ) -> CurveRecord:
     """The pooled rows of every point's metrics.json (the baseline's Δ is 0 by definition: left out)."""
     from apm_bench.reporting.results import RunRecord
-    from apm_bench.run.runner import BASELINE
+    from apm_bench.run.setup import BASELINE
 
     runs, points = [], []
     for value, folder in zip(values, folders):

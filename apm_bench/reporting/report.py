@@ -8,7 +8,8 @@ from typing import Any
 from apm_bench.judging.label_diagnostics import LabelDiagnostics
 from apm_bench.judging.metrics import MethodMetrics
 from apm_bench.run.config import RunConfig
-from apm_bench.run.runner import BASELINE, ORACLE, PRIOR, RunResult
+from apm_bench.run.runner import RunResult
+from apm_bench.run.setup import BASELINE, ORACLE, PRIOR
 
 SIM_NOTE = (
     "> These numbers come from the embedded style simulator: they show whether a method infers and "

@@ -89,7 +89,7 @@ def run_suite(
 
 def check_plans(configs: list[RunConfig]) -> None:
     """Bad methods, options, catalogs or sizes in any planned run fail before the first run starts."""
-    from apm_bench.run.runner import plan_methods, prepare
+    from apm_bench.run.setup import plan_methods, prepare
 
     for config in configs:
         plan_methods(config)

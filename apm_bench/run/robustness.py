@@ -32,9 +32,25 @@ from apm_bench.methods import METHODS, UserView
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.run.config import RunConfig
 from apm_bench.run.engines import Engines, build_engines, is_simulated, role_engines
-from apm_bench.run.runner import (
-    BASELINE, MethodVariant, Planned, Progress, Stages, Stopwatch, artifact_store, build_worlds, fit_context,
-    fit_method, generate_all, load_pool_catalog, load_population, plan_methods, prompt_pools, rated_candidates,
+from apm_bench.run.phases import (
+    Planned,
+    Progress,
+    Stages,
+    Stopwatch,
+    fit_context,
+    fit_method,
+    generate_all,
+    rated_candidates,
+)
+from apm_bench.run.setup import (
+    BASELINE,
+    MethodVariant,
+    artifact_store,
+    build_worlds,
+    load_pool_catalog,
+    load_population,
+    plan_methods,
+    prompt_pools,
 )
 from apm_bench.sim.style import stable_seed
 from apm_bench.world.catalog import Catalog
