@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from apm_bench.errors import ApmError
-from apm_bench.inputs import check_output_dir
+from apm_bench.inputs import check_output_dir, check_output_file
 
 if TYPE_CHECKING:
     from apm_bench.run.config import RunConfig
@@ -337,9 +337,32 @@ def leaderboard(
             _fail(str(exc), 1)
         console.print(f"{out / 'LEADERBOARD.md'} matches the runs under {runs}")
         return
+    from apm_bench.reporting.view.page import write_leaderboard_page
+
     outputs = board.build(runs, out)
-    for path in (outputs.markdown, outputs.csv, outputs.png):
+    page = write_leaderboard_page(runs, out / "index.html")
+    for path in (outputs.markdown, outputs.csv, outputs.png, page):
         console.print(f"wrote {path}")
+
+
+@app.command()
+def view(
+    path: Path = typer.Argument(Path("results/runs"), help="a run folder, a folder of runs, or a results folder with LEADERBOARD.md"),
+    out: Optional[Path] = typer.Option(None, help="the page to write (default: report.html in a run folder, else index.html)"),
+    serve: bool = typer.Option(False, "--serve", help="also serve the page on 127.0.0.1 until Ctrl-C"),
+    port: int = typer.Option(8000, min=0, max=65535, help="port for --serve (0: any free port)"),
+) -> None:
+    """Write a run, a list of runs or the leaderboard as a static page that opens offline."""
+    from apm_bench.reporting.view.page import write_page
+
+    if out is not None:
+        check_output_file(out, "--out")
+    page = write_page(path, out)
+    console.print(f"wrote {page} (open it in a browser: file://{page.resolve()})")
+    if serve:
+        from apm_bench.reporting.view.serve import serve_page
+
+        serve_page(page, port, console.print)
 
 
 @app.command()

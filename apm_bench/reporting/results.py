@@ -1,5 +1,5 @@
-"""Run records on disk: `results/runs/<run-id>/` with config.json, samples.parquet, metrics.json,
-report.md and delta.png.
+"""Run records on disk: `results/runs/<run-id>/` with config.json, samples.parquet, users.parquet,
+metrics.json, report.md, report.html and delta.png.
 
 A run directory is written under a temporary name and renamed into place when complete, so a
 crash or a bad option never leaves a half-written run and never touches earlier runs.
@@ -147,6 +147,8 @@ def publish(staging: Path, root: Path, name: str) -> Path:
 
 def write_run(result: RunResult, wall_seconds: float) -> Path:
     """Write everything to a temporary folder, then rename it to its final, unused name."""
+    from apm_bench.reporting.view.page import write_run_page  # the viewer reads run folders: import it late
+
     root = Path(result.config.out)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(root)
@@ -161,6 +163,8 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
         config["git_revision"] = git_revision()
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         result.samples.to_parquet(staging / "samples.parquet", index=False)
+        if result.users is not None:
+            result.users.to_parquet(staging / "users.parquet", index=False)
         record = RunRecord(
             run_id=run_id,
             created=created.isoformat(timespec="seconds"),
@@ -181,6 +185,7 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
         (staging / "metrics.json").write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
         plot_deltas(result.metrics, staging / "delta.png")
         (staging / "report.md").write_text(render_report(result, record.run_id, record.wall_seconds), encoding="utf-8")
+        write_run_page(staging)
         final = publish(staging, root, run_id)
     except OSError as exc:  # a full disk, a folder that vanished: say so; nothing half-written stays
         shutil.rmtree(staging, ignore_errors=True)
@@ -192,4 +197,5 @@ def write_run(result: RunResult, wall_seconds: float) -> Path:
     if final.name != run_id:  # a concurrent run took the name in the meantime: the record follows the folder
         record.run_id = final.name
         (final / "metrics.json").write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        write_run_page(final)
     return final

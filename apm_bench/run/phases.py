@@ -266,6 +266,36 @@ def rate_all(
     return ratings
 
 
+def adapter_label(personalization: Any) -> str | None:
+    """What besides messages shaped the answer, named for a reader of the samples."""
+    if personalization.adapter is not None:
+        return str(personalization.adapter.name)
+    if personalization.soft_prompt is not None:
+        tokens = len(personalization.soft_prompt.embeddings)
+        return f"soft prompt ({tokens} token{'s' if tokens != 1 else ''})"
+    return None
+
+
+def test_users_frame(planned: list[Planned]) -> pd.DataFrame:
+    """One row per (world, test user): the history methods were shown and the hidden attributes,
+    so a reader can see what a method had to go on (users.parquet)."""
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[int, str]] = set()
+    for plan in planned:
+        for user in plan.users:
+            if (plan.world.seed, user.id) in seen:
+                continue
+            seen.add((plan.world.seed, user.id))
+            hidden = plan.world.users.get(user.id)
+            rows.append({
+                "world": plan.world.seed,
+                "user_id": user.id,
+                "history": list(user.history),
+                "attributes": [a.model_dump() for a in hidden.attributes] if hidden is not None else [],
+            })
+    return pd.DataFrame(rows, columns=["world", "user_id", "history", "attributes"])
+
+
 def world_frame(planned: list[Planned], generations: list[list[Any]], ratings: list[list[Any]], seed: int) -> pd.DataFrame:
     """One row per (test user, method) of one world, with the baseline's reward beside each."""
     rows: list[dict[str, Any]] = []
@@ -278,6 +308,7 @@ def world_frame(planned: list[Planned], generations: list[list[Any]], ratings: l
             user_ratings = [next(remaining) for _ in targets]
             reward = weighted_reward(targets, user_ratings) if not generation.failed else None
             system = next((m.content for m in personalization.messages if m.role == "system"), "")
+            context = [{"role": m.role, "content": m.content} for m in personalization.messages[:-1] if m.role != "system"]
             rows.append(
                 {
                     "world": plan.world.seed,
@@ -288,6 +319,8 @@ def world_frame(planned: list[Planned], generations: list[list[Any]], ratings: l
                     "history_tokens": sum(len(m.split()) for m in user.history),
                     "summary": personalization.notes.get("summary"),
                     "routed_to": personalization.notes.get("routed_to"),
+                    "context": context,
+                    "adapter": adapter_label(personalization),
                     "response": generation.text,
                     "generation_error": generation.error,
                     "context_trimmed": int(personalization.notes.get("context_trimmed", 0)),

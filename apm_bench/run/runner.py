@@ -30,6 +30,7 @@ from apm_bench.run.phases import (
     generate_all,
     rate_all,
     rated_candidates,
+    test_users_frame,
     world_frame,
 )
 from apm_bench.run.setup import (
@@ -59,6 +60,8 @@ class RunResult:
     label_diagnostics: list[LabelDiagnostics] = field(default_factory=list)
     #: the principle and attribute ids of the run's pool, in order (pools are catalog data, so record them)
     pool_members: dict[str, list[str]] = field(default_factory=dict)
+    #: one row per (world, test user): the history methods saw and the hidden attributes
+    users: pd.DataFrame | None = None
 
 
 def run_benchmark(
@@ -125,4 +128,5 @@ def _run_all(
     say("done")
     diagnostics = label_diagnostics(samples, label_training)
     members = {"principles": catalog.principle_ids, "attributes": catalog.attribute_ids}
-    return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics, members)
+    return RunResult(config, samples, metrics, watch.costs, population.source, training, store, diagnostics, members,
+                     test_users_frame(planned))
