@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm run test test-vllm test-gpu bench bench-vllm suite leaderboard clean
+.PHONY: setup setup-vllm run test test-browser test-vllm test-gpu bench bench-vllm suite leaderboard clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the viewer's pages in headless Chromium (needs chromium + chromedriver on PATH; skipped without them)
+test-browser: setup
+	$(BIN)/python -m pytest -q tests/browser -m browser
 
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_engines

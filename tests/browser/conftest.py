@@ -92,8 +92,10 @@ def screenshot(driver: Any, artifacts: Path):  # type: ignore[no-untyped-def]
 
     def save(name: str) -> Path:
         size = driver.get_window_size()
-        height = driver.execute_script("return Math.min(document.documentElement.scrollHeight, 6000)")
-        driver.set_window_size(size["width"], max(size["height"], int(height)))
+        # the window's height includes the browser's own bars: the page gets what is left of it
+        page, bars = driver.execute_script(
+            "return [Math.min(document.documentElement.scrollHeight, 8000), window.outerHeight - window.innerHeight]")
+        driver.set_window_size(size["width"], max(size["height"], int(page) + int(bars)))
         path = artifacts / f"{name}.png"
         try:
             driver.save_screenshot(str(path))

@@ -15,6 +15,7 @@
  *   user view    route #user/<world>/<user_id>; #user-view[data-world][data-user]  #back-to-list
  *                #prev-user #next-user (within the filtered list)  #eval-toggle (checkbox)
  *                #user-history  #user-prompt  .eval-only (shown only with the evaluation view)
+ *                #column-picker input[data-method] (unchecked: that method's column is hidden)
  *                #eval-panel  #true-label  #user-targets tr.target[data-principle]  #user-attributes
  *                .method-column[data-method] with .response .system-prompt .summary .adapter
  *                .context .message[data-role] .generation-error .reward .delta
@@ -150,6 +151,8 @@
     return h('table', Object.assign({ class: 'data kv' }, attrs), h('tbody', null, rows));
   }
 
+  /** Long tables fold away behind a summary line. */
+  const many = (n, what, node) => (n > 12 ? h('details', null, h('summary', null, n + ' ' + what), node) : node);
   const section = (title, ...kids) => h('section', { class: 'card' }, h('h2', null, title), kids);
   const note = (text, attrs) => h('p', Object.assign({ class: 'note' }, attrs), text);
 
@@ -215,8 +218,9 @@
       return s('polyline', { points: pts.join(' '), class: 'curve', stroke: PALETTE[i % PALETTE.length] },
         s('title', null, e.name + ' (world ' + e.world + '): ' + count(e.steps) + ' steps, final loss ' + fixed(e.final_loss, 3)));
     });
-    const legend = h('ul', { class: 'legend' }, entries.map((e, i) => h('li', null,
+    const list = h('ul', { class: 'legend' }, entries.map((e, i) => h('li', null,
       h('span', { class: 'swatch', style: 'background:' + PALETTE[i % PALETTE.length] }), e.name + ' · world ' + e.world + (e.reused ? ' (reused)' : ''))));
+    const legend = entries.length > 6 ? h('details', null, h('summary', { class: 'muted' }, entries.length + ' adapters'), list) : list;
     return h('figure', { class: 'training' }, h('figcaption', null, method),
       s('svg', { class: 'plot training-plot', 'data-method': method, viewBox: '0 0 ' + W + ' ' + H, width: W, height: H, role: 'img', 'aria-label': 'training loss of ' + method },
         axes, lines, s('text', { x: (left + W - right) / 2, y: H - 2, 'text-anchor': 'middle', class: 'axis-title' }, 'step')),
@@ -254,7 +258,7 @@
     const worldCols = [{ key: 'world', label: 'world' }].concat(METRIC_COLUMNS);
     return h('div', { id: 'panel-results', class: 'panel' },
       section('Pooled over worlds',
-        base ? note('baseline (' + p.baseline + ') mean reward ' + fixed(base.mean_reward) + ' over ' + count(base.n_users) + ' users') : null,
+        base ? note((p.baseline === 'baseline' ? 'baseline' : 'baseline (' + p.baseline + ')') + ' mean reward ' + fixed(base.mean_reward) + ' over ' + count(base.n_users) + ' users') : null,
         table(METRIC_COLUMNS, pooled, { id: 'pooled-table' }),
         pooled.length ? h('div', { class: 'plot-wrap' }, forestPlot(pooled)) : null),
       perWorld.length ? section('Per world', table(worldCols, perWorld, { id: 'world-table' })) : null,
@@ -299,11 +303,11 @@
       { key: 'examples', label: 'examples', num: true, cell: (r) => count(r.examples) },
       { key: 'seconds', label: 'time', num: true, cell: (r) => seconds(r.seconds) },
       { key: 'final_loss', label: 'final loss', num: true, cell: (r) => fixed(r.final_loss, 3) },
-      { key: 'reused', label: 'reused', cell: (r) => (r.reused ? 'yes' : 'no') },
+      { key: 'reused', label: 'reused', cell: (r) => (typeof r.reused === 'boolean' ? (r.reused ? 'yes' : 'no') : DASH) },
     ];
     return section('Training',
       h('div', { id: 'training-curves', class: 'training-grid' }, Object.keys(groups).map((m) => trainingPlot(m, groups[m]))),
-      table(columns, entries, { id: 'training-table' }));
+      many(entries.length, 'training runs', table(columns, entries, { id: 'training-table' })));
   }
 
   function detailsPanel(p) {
@@ -319,7 +323,8 @@
   }
 
   // ---------------------------------------------------------------- run page: sample browser
-  const ui = { filters: { world: '', method: '', outcome: '', principle: '', sort: '' }, page: 0, list: [], evalView: false };
+  const ui = { filters: { world: '', method: '', outcome: '', principle: '', sort: '' }, page: 0, list: [], evalView: false,
+    hiddenColumns: new Set() };
 
   const userHash = (world, user) => '#user/' + encodeURIComponent(world) + '/' + encodeURIComponent(user);
 
@@ -403,6 +408,7 @@
       next.disabled = ui.page >= pages - 1;
       hint.textContent = !f.method && f.outcome ? 'method "any": a user is listed when at least one method has this outcome.' : '';
       list.replaceChildren(sampleTable(index, shown, f.method ? [f.method] : methods));
+      list.scrollTop = 0;
     }
     refresh();
   }
@@ -471,12 +477,26 @@
       h('div', { class: 'user-toolbar' }, h('a', { id: 'back-to-list', href: '#samples' }, '← samples'), userNav(pos), toggle),
       h('h2', { class: 'user-title' }, 'World ' + u.world + ' · user ' + u.user_id),
       evalPanel(u),
-      h('section', { class: 'card', id: 'user-history' }, h('h3', null, 'History (' + history.length + ' messages)'),
+      h('section', { class: 'card', id: 'user-history' },
+        h('h3', null, p.samples.has_history === false ? 'History' : 'History (' + history.length + ' messages)'),
         p.samples.has_history === false ? note('This run folder predates recorded histories.')
           : history.length ? h('ol', { class: 'history' }, history.map((m) => h('li', { class: 'text' }, m))) : note('No history.')),
       h('section', { class: 'card' }, h('h3', null, 'Prompt'), h('div', { id: 'user-prompt', class: 'text prompt' }, plain(u.prompt))),
-      h('div', { class: 'method-columns', style: 'grid-template-columns: repeat(' + shown.length + ', minmax(320px, 1fr))' },
-        shown.map((m) => methodColumn(m, u.samples[m], u, m === p.baseline)))];
+      methodColumns(shown, (m) => methodColumn(m, u.samples[m], u, m === p.baseline))];
+  }
+
+  /** Side-by-side columns, with a picker to hide some (the choice is kept from user to user). */
+  function methodColumns(methods, column) {
+    const grid = h('div', { class: 'method-columns' });
+    const layout = () => {
+      const shown = methods.filter((m) => !ui.hiddenColumns.has(m));
+      grid.replaceChildren(...shown.map(column));
+      grid.style.gridTemplateColumns = 'repeat(' + Math.max(shown.length, 1) + ', minmax(260px, 1fr))';
+    };
+    const pick = (m) => (e) => { ui.hiddenColumns[e.target.checked ? 'delete' : 'add'](m); layout(); };
+    layout();
+    return h('div', { class: 'methods' }, h('div', { id: 'column-picker', class: 'column-picker' }, 'columns:', methods.map((m) =>
+      h('label', null, h('input', { type: 'checkbox', 'data-method': m, checked: !ui.hiddenColumns.has(m), onchange: pick(m) }), ' ' + m))), grid);
   }
 
   function evalPanel(u) {
@@ -555,7 +575,8 @@
     { key: 'gain', label: 'gain', num: true, cell: (r) => fixed(r.gain) },
     { key: 'lc_delta', label: 'LC Δ', num: true, cell: (r) => signed(r.lc_delta), title: 'length-controlled Δ' },
     { key: 'no_history_delta', label: 'Δ without history', num: true,
-      cell: (r) => [signed(r.no_history_delta), h('span', { class: 'muted' }, ' ' + ci(r.no_history_ci_low, r.no_history_ci_high))] },
+      cell: (r) => (isNum(r.no_history_delta)
+        ? [signed(r.no_history_delta), h('span', { class: 'muted' }, ' ' + ci(r.no_history_ci_low, r.no_history_ci_high))] : DASH) },
     { key: 'failed_ratings', label: 'failed', num: true, cell: (r) => count(r.failed_ratings) },
     { key: 'generation_calls', label: 'generation calls', num: true, cell: (r) => count(r.generation_calls) },
     { key: 'training_steps', label: 'training steps', num: true, cell: (r) => count(r.training_steps) },
