@@ -107,7 +107,8 @@ def _training(folder: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
     for entry in entries:
         losses = [float(x) for x in entry.get("losses") or []]
         step = max(1, math.ceil(len(losses) / MAX_CURVE_POINTS))
-        summary = {k: v for k, v in entry.items() if k != "losses"}
+        summary = {"final_loss": round(losses[-1], 6) if losses else None, "reused": False}
+        summary.update({k: v for k, v in entry.items() if k != "losses"})
         summary["losses"] = [round(x, 5) for x in losses[::step]]
         summary["loss_step"] = step
         thinned.append(summary)
