@@ -3,7 +3,7 @@
     python benchmarks/view_load.py RUN_FOLDER [RUN_FOLDER ...] [--repeats 3]
 
 For each run folder it (re)writes the page, then reports the bytes the browser must read to show
-the page (the HTML; the sidecar folder's total is reported apart, since only the index and one
+the page at its sample browser (the HTML; the sidecar folder's total is reported apart, since only the index and one
 chunk per opened user are read), and the median over fresh page loads of: the load event, the
 first page of the sample browser drawn, and one user opened. Needs Debian's chromium and
 chromium-driver (the same as the browser tests).
@@ -37,14 +37,14 @@ def driver() -> webdriver.Chrome:
 def one_load(browser: webdriver.Chrome, page: Path) -> dict[str, float]:
     browser.get("about:blank")
     started = time.perf_counter()
-    browser.get(page.resolve().as_uri())
+    browser.get(page.resolve().as_uri() + "#samples")
     wait = WebDriverWait(browser, 60, poll_frequency=0.02)
-    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#sample-list [data-user]"))
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#sample-list tr.sample-row"))
     listed = time.perf_counter() - started
     load_event = browser.execute_script(
         "const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime;") / 1000
     before = time.perf_counter()
-    browser.find_elements(By.CSS_SELECTOR, "#sample-list [data-user]")[0].click()
+    browser.find_elements(By.CSS_SELECTOR, "#sample-list tr.sample-row")[0].click()
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".method-column .response"))
     return {"load_event_s": load_event, "sample_list_s": listed, "open_user_s": time.perf_counter() - before}
 

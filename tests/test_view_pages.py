@@ -180,3 +180,28 @@ def test_apm_view_writes_a_run_page_where_asked(run_folder: Path, tmp_path: Path
     completed = apm("view", str(run_folder), "--out", str(out), cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert _payload(out.read_text(encoding="utf-8"))["run_id"] == run_folder.name
+
+
+def test_a_served_page_and_its_files_come_from_loopback_only(run_folder: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import urllib.request
+
+    from apm_bench.reporting.view.serve import page_server
+
+    folder = shutil.copytree(run_folder, tmp_path / "run")
+    monkeypatch.setattr(pages, "INLINE_LIMIT_BYTES", 1000)
+    page = pages.write_run_page(folder)
+    with page_server(page, 0) as server:
+        host, port = server.server_address[:2]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            assert host == "127.0.0.1"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/report.html", timeout=10) as reply:
+                assert _payload(reply.read().decode("utf-8"))["run_id"] == run_folder.name
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/report_files/index.js", timeout=10) as reply:
+                assert reply.read() == (folder / "report_files" / "index.js").read_bytes()
+        finally:
+            server.shutdown()
+            thread.join(5)

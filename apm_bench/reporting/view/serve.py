@@ -13,10 +13,15 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def serve_page(page: Path, port: int, announce: Callable[[str], None]) -> None:
-    """Serve the page's folder until interrupted; only this machine can reach it."""
+def page_server(page: Path, port: int) -> ThreadingHTTPServer:
+    """A server of the page's folder bound to loopback only: nothing off this machine can reach it."""
     handler = functools.partial(_QuietHandler, directory=str(page.parent))
-    with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+    return ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+def serve_page(page: Path, port: int, announce: Callable[[str], None]) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    with page_server(page, port) as server:
         announce(f"serving http://127.0.0.1:{server.server_address[1]}/{page.name} (Ctrl-C stops)")
         try:
             server.serve_forever()
