@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
-from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import AdapterRef, Backend, GenerationRequest, Message, SamplingParams, chat
 from apm_bench.cache import cache_key
@@ -39,6 +38,9 @@ from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.training import PreferencePair, TrainingRecord, can_train, train_dpo
 from apm_bench.sim.style import stable_seed
 from apm_bench.world.prompting import summarize_messages, summary_context
+
+if TYPE_CHECKING:
+    from sklearn.neighbors import NearestNeighbors
 
 
 class PopiOptions(MethodOptions):
@@ -122,7 +124,7 @@ class Popi(Personalizer):
         self.adapter: AdapterRef | None = None
         self.training: TrainingRecord | None = None
         self._best: list[tuple[tuple[str, ...], str]] = []
-        self._index: NearestNeighbors | None = None
+        self._index: NearestNeighbors | None = None  # scikit-learn loads when an index is built
         self._reused: dict[tuple[int | None, str], str] | None = None
         self._budget = ContextBudget()
         #: test user id → history messages left out of their summary request to fit the context
@@ -151,6 +153,7 @@ class Popi(Personalizer):
             self._train_summarizer(name, pairs, context)
         else:
             histories = [h for h, _ in self._best]
+            from sklearn.neighbors import NearestNeighbors
             self._index = NearestNeighbors(n_neighbors=min(self.options.neighbours, len(histories)), metric="cosine")
             self._index.fit(context.embedder.embed_histories(histories))
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
-from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import Message, chat
 from apm_bench.errors import UninformativeFeedbackError
@@ -22,6 +21,9 @@ from apm_bench.methods.base import FitContext, MethodOptions, Personalization, P
 from apm_bench.methods.context_budget import ContextBudget, trimmed_note
 from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.world.prompting import PAPER_RAG_SYSTEM, InstructionTexts, example_block, history_block
+
+if TYPE_CHECKING:
+    from sklearn.neighbors import NearestNeighbors
 
 RAG_INSTRUCTION = (
     "The examples below come from users whose earlier messages resemble this user's. Each shows a "
@@ -58,7 +60,7 @@ class Rag(Personalizer):
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self._examples: list[_Example] = []
-        self._index: NearestNeighbors | None = None
+        self._index: NearestNeighbors | None = None  # scikit-learn loads when an index is built
         self._embedder: HistoryEmbedder | None = None
         self._rng = np.random.default_rng(0)
         self._budget = ContextBudget()
@@ -79,6 +81,7 @@ class Rag(Personalizer):
             raise UninformativeFeedbackError("rag", "no training user has candidates the feedback tells apart")
         self._examples = examples
         vectors = context.embedder.embed_histories([e.history for e in examples])
+        from sklearn.neighbors import NearestNeighbors
         self._index = NearestNeighbors(n_neighbors=min(self.options.k, len(examples)), metric="cosine").fit(vectors)
 
     def neighbours(self, histories: Sequence[Sequence[str]]) -> list[list[str]]:

@@ -16,11 +16,12 @@ cached generator call, so a resumed run writes none of them again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Sequence
 
 import numpy as np
 from pydantic import Field
-from sklearn.neighbors import NearestNeighbors
 
 from apm_bench.backends.base import Backend, GenerationRequest, Message, SamplingParams, chat
 from apm_bench.errors import UninformativeFeedbackError
@@ -30,6 +31,9 @@ from apm_bench.methods.embedder import HistoryEmbedder
 from apm_bench.methods.trained import scored_candidates
 from apm_bench.sim.style import stable_seed
 from apm_bench.world.prompting import preference_messages, preferences_context, vibe_messages
+
+if TYPE_CHECKING:
+    from sklearn.neighbors import NearestNeighbors
 
 
 class RagAdvancedOptions(MethodOptions):
@@ -54,7 +58,7 @@ class RagAdvanced(Personalizer):
         self._generator: Backend | None = None
         self._embedder: HistoryEmbedder | None = None
         self._budget = ContextBudget()
-        self._index: NearestNeighbors | None = None
+        self._index: NearestNeighbors | None = None  # scikit-learn loads when an index is built
         self._preferences: list[str] = []
         self._ids: list[str] = []
         self._world = 0
@@ -77,6 +81,7 @@ class RagAdvanced(Personalizer):
         vibes, preferences = written[: len(indexed)], written[len(indexed) :]
         self._preferences, self._ids = preferences, [user.id for user, _ in indexed]
         self.descriptions = {user.id: (v, p) for (user, _), v, p in zip(indexed, vibes, preferences)}
+        from sklearn.neighbors import NearestNeighbors
         self._index = NearestNeighbors(n_neighbors=min(self.options.k, len(indexed)), metric="cosine")
         self._index.fit(context.embedder.embed_texts(vibes))
 

@@ -13,16 +13,12 @@ artifact store, so a resumed run loads them instead of training again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
-from sklearn.base import ClassifierMixin
-from sklearn.dummy import DummyClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from apm_bench.backends.base import chat
 from apm_bench.cache import cache_key
@@ -38,6 +34,7 @@ from apm_bench.methods.base import (
     register_method,
 )
 from apm_bench.methods.embedder import HistoryEmbedder
+from apm_bench.methods.linear_router import LinearRouter, fit_logistic
 from apm_bench.methods.text_classifier import FineTunedClassifier, FinetuneSettings
 from apm_bench.world.catalog import Principle, Side
 from apm_bench.world.prompting import InstructionTexts, history_block, style_instruction
@@ -98,7 +95,7 @@ class Routing(Personalizer):
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
-        self._classifier: ClassifierMixin | None = None
+        self._classifier: LinearRouter | None = None
         self._principles: list[Principle] = []
         self._embedder: HistoryEmbedder | None = None
         self._texts: InstructionTexts = "apm-bench"
@@ -120,9 +117,17 @@ class Routing(Personalizer):
         validation = list(context.validation_users)
         validation_scores = np.stack([context.feedback.scores(u.id) for u in validation]) if validation else None
         validation_features = context.embedder.embed_histories([u.history for u in validation]) if validation else None
-        best: tuple[float, float, ClassifierMixin] | None = None
+        key = "routing-logistic-" + cache_key(
+            "routing-logistic", context.seed, self.options.model_dump(exclude={"finetune"}), _digest(features),
+            _digest(targets), _digest(validation_features), _digest(validation_scores))[:20]
+        found = context.artifacts.find(key) if context.artifacts is not None else None
+        if found is not None:  # fitted before on exactly these inputs: a rerun loads it
+            self._classifier = LinearRouter.load(found)
+            self.selected_regularisation = float(np.load(found / "selected.npy"))
+            return
+        best: tuple[float, float, LinearRouter] | None = None
         for strength in self.options.regularisation:
-            classifier = self._train(features, targets, strength, context.seed)
+            classifier = fit_logistic(features, targets, strength, context.seed)
             if validation_scores is None or validation_features is None:
                 best = (0.0, strength, classifier)
                 break
@@ -132,6 +137,10 @@ class Routing(Personalizer):
                 best = (value, strength, classifier)
         assert best is not None
         _, self.selected_regularisation, self._classifier = best
+        if context.artifacts is not None:
+            with context.artifacts.writing(key) as staging:
+                self._classifier.save(staging)
+                np.save(staging / "selected.npy", np.float64(self.selected_regularisation))
 
     def _fit_finetuned(self, users: Sequence[FitUser], targets: np.ndarray, context: FitContext) -> None:
         """Train (or find in the artifact store) the encoder fine-tuned on these users' labels."""
@@ -168,22 +177,7 @@ class Routing(Personalizer):
         return kept, np.stack(rows)
 
     @staticmethod
-    def _train(features: np.ndarray, targets: np.ndarray, strength: float, seed: int) -> ClassifierMixin:
-        """Soft labels become weighted copies of each example, one per label with mass (exact soft-label CE)."""
-        rows, labels = np.nonzero(targets > 1e-6)
-        if np.unique(labels).size == 1:  # one label only: logistic regression cannot fit, a constant can
-            classifier: ClassifierMixin = DummyClassifier(strategy="most_frequent")
-        else:
-            classifier = make_pipeline(StandardScaler(), LogisticRegression(C=strength, max_iter=2000, random_state=seed))
-        weights = targets[rows, labels]
-        if isinstance(classifier, Pipeline):
-            classifier.fit(features[rows], labels, logisticregression__sample_weight=weights)
-        else:
-            classifier.fit(features[rows], labels, sample_weight=weights)
-        return classifier
-
-    @staticmethod
-    def _predict(classifier: ClassifierMixin, features: np.ndarray) -> np.ndarray:
+    def _predict(classifier: LinearRouter, features: np.ndarray) -> np.ndarray:
         return classifier.classes_[np.argmax(classifier.predict_proba(features), axis=1)].astype(int)
 
     def predict_labels(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
@@ -213,3 +207,11 @@ class Routing(Personalizer):
         labels = self.predict_labels([u.history for u in users])
         return [Personalization(chat(p, system=self._instruction(int(l))), notes={"routed_to": self._label_name(int(l))})
                 for p, l in zip(prompts, labels)]
+
+
+def _digest(values: np.ndarray | None) -> str:
+    """A fingerprint of an array's exact bytes: the fit is reused only for bit-identical inputs."""
+    if values is None:
+        return "none"
+    array = np.ascontiguousarray(values)
+    return f"{array.dtype}{array.shape}" + hashlib.sha256(array.tobytes()).hexdigest()
