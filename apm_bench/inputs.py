@@ -31,11 +31,16 @@ def read_text(path: Path | str, what: str, error: type[ApmError] = ConfigError) 
         raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, through libyaml where PyYAML has it: the catalogs parse ten times faster."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
+
+
 def read_yaml(path: Path | str, what: str, error: type[ApmError] = ConfigError) -> Any:
     """The parsed YAML document (None for an empty file)."""
     text = read_text(path, what, error)
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as exc:
         raise error(f"malformed YAML in {what} {path}: {getattr(exc, 'problem', None) or exc}") from None
 

@@ -12,11 +12,11 @@ from functools import lru_cache
 from importlib import import_module, resources
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from apm_bench.backends.base import Backend
 from apm_bench.errors import ConfigError, UnknownNameError
+from apm_bench.inputs import parse_yaml
 from apm_bench.registry import Registry
 from apm_bench.world.catalog import Catalog
 
@@ -65,7 +65,7 @@ BACKENDS.add("vllm", _engine_factory("apm_bench.backends.vllm", "VLLMBackend"))
 def model_registry() -> Registry[ModelSpec]:
     text = resources.files("apm_bench.data").joinpath("models.yaml").read_text(encoding="utf-8")
     registry: Registry[ModelSpec] = Registry("model")
-    for alias, entry in yaml.safe_load(text)["models"].items():
+    for alias, entry in parse_yaml(text)["models"].items():
         registry.add(alias, ModelSpec(alias=alias, **entry))
     return registry
 

@@ -18,13 +18,13 @@ def request_key(fingerprint: str, request: GenerationRequest) -> str:
     if request.soft_prompt is not None:
         embeddings = np.ascontiguousarray(request.soft_prompt.embeddings, dtype=np.float32)
         soft = [list(embeddings.shape), cache_key(embeddings.tobytes().hex())]
-    params = dataclasses.asdict(request.params)
+    params = _shallow(request.params)  # asdict's deep copies cost more than the hash itself
     if params["choices"] is None:
         del params["choices"]  # keys of unconstrained requests stay what they were before constraints existed
     parts: list[object] = [
         "generation",
         fingerprint,
-        [dataclasses.astuple(m) for m in request.messages],
+        [(m.role, m.content) for m in request.messages],
         request.seed,
         params,
         dataclasses.asdict(request.adapter) if request.adapter else None,
@@ -33,6 +33,10 @@ def request_key(fingerprint: str, request: GenerationRequest) -> str:
     if request.prefill is not None:
         parts.append({"prefill": request.prefill})
     return cache_key(*parts)
+
+
+def _shallow(instance: Any) -> dict[str, Any]:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
 
 
 def _to_json(generation: Generation) -> dict[str, Any]:

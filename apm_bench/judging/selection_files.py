@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from apm_bench.errors import ApmError
+from apm_bench.inputs import parse_yaml
 from apm_bench.judging.attribute_selection import AttributeSelection
 from apm_bench.world.catalog import POOLS_FILE
 from apm_bench.world.histories import attribute_id_from_name
@@ -40,7 +41,7 @@ def load_names(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = parse_yaml(text)
         except yaml.YAMLError as exc:
             raise RatingsFileError(f"malformed YAML in {path}: {str(exc).splitlines()[0]}") from None
         if isinstance(data, dict):

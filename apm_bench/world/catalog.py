@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apm_bench.errors import CatalogError, first_error
+from apm_bench.inputs import parse_yaml
 
 Side = Literal["follow", "avoid"]
 POOL_SIZES = (2, 4, 6, 8, 10)
@@ -245,7 +246,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise CatalogError(f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
