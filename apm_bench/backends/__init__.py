@@ -39,7 +39,7 @@ BACKENDS: Registry[BackendFactory] = Registry("backend")
 @BACKENDS.register("sim")
 def _build_sim(spec: ModelSpec, catalog: Catalog, seed: int, options: dict[str, Any]) -> Backend:
     from apm_bench.backends.sim import SimBackend
-    from apm_bench.sim.policy import SimProfile
+    from apm_bench.sim.profile import SimProfile
 
     if spec.sim is None:
         raise ConfigError(f"model {spec.alias!r} has no simulator profile; the sim backend runs only sim-* models")

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest, Message
 from apm_bench.cache import cache_key
-from apm_bench.sim.policy import SimPolicy, SimProfile
+from apm_bench.sim.profile import SimProfile
 from apm_bench.sim.reader import ContextReader
 from apm_bench.sim.style import StyleCodec, stable_seed
-from apm_bench.sim.summarizer import SimSummarizer
 from apm_bench.world.catalog import Catalog
 from apm_bench.world.prompting import PREFERENCE_INSTRUCTION, SUMMARIZE_INSTRUCTION, VIBE_INSTRUCTION
 
-SIM_VERSION = "6"
+if TYPE_CHECKING:  # torch loads when something trains or simulates, not on import
+    import torch
+
+    from apm_bench.sim.policy import SimPolicy
+    from apm_bench.sim.summarizer import SimSummarizer
+
+SIM_VERSION = "6"  # bump when the simulator's behaviour changes, so old cache entries are not reused
 ADAPTER_FILE = "sim_adapter.pt"
 SUMMARIZER_ADAPTER_FILE = "sim_summarizer_adapter.pt"
-READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)  # bump when the simulator's behaviour changes, so old cache entries are not reused
+READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)
 
 
 def _adapter_path(requests: Sequence[GenerationRequest], name: str) -> Path:
@@ -47,19 +52,34 @@ class SimBackend(Backend):
     def __init__(self, model: str, profile: SimProfile, catalog: Catalog, seed: int = 0) -> None:
         self.model = model
         self.catalog = catalog
+        self.profile = profile
+        self.seed = seed
         self.codec = StyleCodec(catalog.principles)
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
-        self.policy = SimPolicy(profile, catalog.principles, catalog.attributes, self.reader.width, seed=seed)
-        self.summarizer = SimSummarizer(catalog.principles, catalog.attributes)
         self._read: dict[tuple[Message, ...], np.ndarray] = {}
+
+    @cached_property
+    def policy(self) -> SimPolicy:
+        """Built on first use: a rerun whose every answer is cached never loads torch."""
+        from apm_bench.sim.policy import SimPolicy
+
+        return SimPolicy(self.profile, self.catalog.principles, self.catalog.attributes, self.reader.width, seed=self.seed)
+
+    @cached_property
+    def summarizer(self) -> SimSummarizer:
+        from apm_bench.sim.summarizer import SimSummarizer
+
+        return SimSummarizer(self.catalog.principles, self.catalog.attributes)
 
     def fingerprint(self) -> str:
         """The simulator's answers depend on its profile, the catalog pool and its own version."""
-        return cache_key(SIM_VERSION, self.name, self.model, self.policy.profile.model_dump(), self.catalog.model_dump())
+        return cache_key(SIM_VERSION, self.name, self.model, self.profile.model_dump(), self.catalog.model_dump())
 
     def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
         """What the policy reads from each context, memoised: training scores the same requests
         every epoch, and reading is the slow part of the simulator."""
+        import torch
+
         rows = []
         for conversation in conversations:
             key = tuple(conversation)
@@ -71,6 +91,8 @@ class SimBackend(Backend):
         return torch.tensor(np.stack(rows) if rows else np.zeros((0, self.reader.width)), dtype=torch.float32)
 
     def push_for(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        import torch
+
         features = self.features([r.messages for r in requests])
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.policy.adapters):
@@ -132,6 +154,8 @@ class SimBackend(Backend):
         return generations
 
     def _summary_log_probs(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        import torch
+
         evidence = np.stack([self.reader.attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.summarizer.adapters):
@@ -140,6 +164,8 @@ class SimBackend(Backend):
         return self.summarizer.log_probs(self.summarizer.features(evidence), adapters)
 
     def _summaries(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        import torch
+
         with torch.no_grad():
             log_probs = self._summary_log_probs(requests)
         generations = []
@@ -169,6 +195,8 @@ class SimBackend(Backend):
 
     def save_adapter(self, name: str, directory: Path) -> Path:
         """Write a style or summarizer adapter into `directory`; an AdapterRef with this path loads it again."""
+        import torch
+
         directory.mkdir(parents=True, exist_ok=True)
         if name in self.summarizer.adapters:
             torch.save(self.summarizer.adapters[name].detach().clone(), directory / SUMMARIZER_ADAPTER_FILE)
@@ -191,6 +219,8 @@ class SimBackend(Backend):
 
     def sequence_logprob(self, requests: Sequence[GenerationRequest], responses: Sequence[str]) -> torch.Tensor:
         """log π(response | request) with gradients: a summary's statements, or a response's style vector."""
+        import torch
+
         rows = []
         summary_rows = [i for i, r in enumerate(requests) if self.is_summary_request(r)]
         other_rows = [i for i in range(len(requests)) if i not in set(summary_rows)]
@@ -220,6 +250,8 @@ class SimBackend(Backend):
         return [results[i] for i in range(len(requests))]
 
     def _respond(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        import torch
+
         if not requests:
             return []
         with torch.no_grad():

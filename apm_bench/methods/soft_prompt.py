@@ -20,12 +20,10 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from apm_bench.backends.base import AdapterRef, GenerationRequest, SoftPrompt, chat
 from apm_bench.errors import UninformativeFeedbackError
@@ -40,8 +38,9 @@ from apm_bench.methods.trained import (
 )
 from apm_bench.methods.training import PreferencePair, PreferenceSettings, TrainingRecord, train_preference
 
-PROJECTOR_WEIGHTS = "projector.safetensors"
-PROJECTOR_CONFIG = "projector.json"
+if TYPE_CHECKING:  # torch loads when a projector is built or read
+    from apm_bench.methods.soft_prompt_projector import SoftPromptProjector
+
 SOFT_PROMPTS = "soft_prompts.safetensors"
 ADAPTER_FOLDER = "adapter"
 
@@ -122,45 +121,10 @@ def resolve_settings(options: SoftPromptOptions, simulated: bool) -> SoftPromptS
     return SoftPromptSettings(**values)
 
 
-class SoftPromptProjector(nn.Module):
-    """φ(history) → Linear → tanh or GELU → Linear → m tokens of the model's hidden size; the output
-    layer starts at zero, so an untrained projector adds nothing but a zero token."""
-
-    def __init__(self, input_dim: int, hidden: int, tokens: int, width: int, seed: int = 0, activation: str = "tanh") -> None:
-        super().__init__()
-        self.shape = {"input_dim": input_dim, "hidden": hidden, "tokens": tokens, "width": width, "activation": activation}
-        self.activation = nn.GELU() if activation == "gelu" else nn.Tanh()
-        generator = torch.Generator().manual_seed(seed)
-        self.inner = nn.Linear(input_dim, hidden)
-        self.outer = nn.Linear(hidden, tokens * width)
-        with torch.no_grad():
-            self.inner.weight.copy_(torch.randn(hidden, input_dim, generator=generator) / input_dim**0.5)
-            self.inner.bias.zero_()
-            self.outer.weight.zero_()
-            self.outer.bias.zero_()
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.outer(self.activation(self.inner(features)))
-        return out.view(len(features), self.shape["tokens"], self.shape["width"])
-
-    def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / PROJECTOR_WEIGHTS))
-        (directory / PROJECTOR_CONFIG).write_text(json.dumps(self.shape, indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, directory: Path) -> SoftPromptProjector:
-        from safetensors.torch import load_file
-
-        projector = cls(**json.loads((directory / PROJECTOR_CONFIG).read_text(encoding="utf-8")))  # older ones: tanh
-        projector.load_state_dict(load_file(str(directory / PROJECTOR_WEIGHTS)))
-        return projector
-
-
 def export_soft_prompts(path: Path, user_ids: Sequence[str], embeddings: np.ndarray) -> None:
     """One (m, hidden) float32 tensor per user, keyed by user id: the rows that go in front of the
     prompt's token embeddings in vLLM's `EmbedsPrompt(prompt_embeds=...)`. Replaced atomically."""
+    import torch
     from safetensors.torch import save_file
 
     staging = path.with_suffix(".tmp")
@@ -245,6 +209,10 @@ class SoftPromptMethod(Personalizer):
             "alpha": t.lora_alpha, "dropout": t.lora_dropout, "targets": t.lora_targets or "all-linear"}
         adapter_parameters = engine.create_adapter(name, rank=o.rank, seed=context.seed, **lora)
         width = engine.soft_prompt_width
+        import torch
+
+        from apm_bench.methods.soft_prompt_projector import SoftPromptProjector
+
         self.projector = SoftPromptProjector(features.shape[1], t.hidden or width, o.tokens, width, seed=context.seed,
                                              activation=t.activation)
         inputs = torch.as_tensor(features, dtype=torch.float32)
@@ -269,6 +237,8 @@ class SoftPromptMethod(Personalizer):
     def _load(self, folder: Path, name: str, export: bool = True) -> None:
         """Serve from a finished artifact folder; test users' tokens are exported into it unless it
         belongs to another run."""
+        from apm_bench.methods.soft_prompt_projector import SoftPromptProjector
+
         self.folder = folder if export else None
         self.projector = SoftPromptProjector.load(folder)
         self.projector.requires_grad_(False)
@@ -279,6 +249,8 @@ class SoftPromptMethod(Personalizer):
     def soft_prompts(self, users: Sequence[UserView]) -> np.ndarray:
         if self.projector is None or self._embed is None:
             raise RuntimeError("soft-prompt must be fitted before it personalizes")
+        import torch
+
         with torch.no_grad():
             return self.projector(torch.as_tensor(self._embed([u.history for u in users]), dtype=torch.float32)).numpy()
 

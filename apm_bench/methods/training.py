@@ -20,13 +20,16 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from apm_bench.backends.base import AdapterRef, Backend, GenerationRequest
+
+if TYPE_CHECKING:  # torch loads when something trains or simulates, not on import
+    import torch
+    import torch.nn.functional as F
+
 
 PreferenceLoss = Literal["dpo", "simpo"]
 Report = Callable[[str], None]
@@ -42,6 +45,8 @@ def dpo_loss(
     reference_rejected: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
+    import torch.nn.functional as F
+
     margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     return -F.logsigmoid(beta * margin).mean()
 
@@ -55,12 +60,16 @@ def simpo_loss(
     gamma: float,
 ) -> torch.Tensor:
     """Length-normalised log-probabilities with a target margin γ; needs no reference model."""
+    import torch.nn.functional as F
+
     margin = beta * (policy_chosen / chosen_lengths - policy_rejected / rejected_lengths) - gamma
     return -F.logsigmoid(margin).mean()
 
 
 def logistic_loss(g: torch.Tensor, label: int) -> torch.Tensor:
     """l(g, y) = log(1 + exp(−y·g)), elementwise."""
+    import torch.nn.functional as F
+
     return F.softplus(-label * g)
 
 
@@ -69,6 +78,8 @@ def cbpo_loss(target: torch.Tensor, auxiliary: torch.Tensor, positive_prior: flo
     (unlabeled) responses. The auxiliary set also holds responses the target users would like; the
     π_p term removes their share from the negative risk so shared good behaviour is not punished.
     """
+    import torch
+
     if not 0.0 <= positive_prior < 1.0:
         raise ValueError(f"the positive prior must be in [0, 1), got {positive_prior}")
     positive_risk = logistic_loss(target, +1).mean()
@@ -127,6 +138,8 @@ def optimise(
 
     `record.steps` counts optimiser steps and `record.losses` holds one loss per mini-batch.
     """
+    import torch
+
     if n_examples == 0:
         raise ValueError(f"{name}: nothing to train on")
     parameters = list(parameters)
@@ -163,6 +176,8 @@ def can_train(backend: Backend) -> bool:
 
 def reference_logprobs(backend: Any, requests: Sequence[GenerationRequest], responses: Sequence[str], chunk: int = 256) -> torch.Tensor:
     """log π_ref(response | request): adapter off, no soft prompt, no gradients."""
+    import torch
+
     plain = [dataclasses.replace(r, adapter=None, soft_prompt=None) for r in requests]
     with torch.no_grad():
         parts = [backend.sequence_logprob(plain[i : i + chunk], list(responses[i : i + chunk])) for i in range(0, len(plain), chunk)]
@@ -217,6 +232,8 @@ def train_preference(
     `sft_weight` adds the negative log-likelihood of the chosen responses (as in RPO): a pairwise
     loss only separates chosen from rejected and may do so by lowering both.
     """
+    import torch
+
     chosen: list[Any] = [p.chosen for p in pairs]
     rejected: list[Any] = [p.rejected for p in pairs]
     if settings.max_response_tokens is not None:
@@ -295,6 +312,8 @@ def train_cbpo(
     """Train one adapter with the C-BPO loss. Each step pairs a mini-batch of target examples with
     one of auxiliary examples, cycling through the smaller set, so both sets are seen every epoch.
     """
+    import torch
+
     if not target or not auxiliary:
         raise ValueError(f"{adapter}: C-BPO needs target and auxiliary examples")
     ref_target = reference_logprobs(backend, [e.request for e in target], [e.response for e in target])

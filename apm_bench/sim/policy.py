@@ -23,21 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from apm_bench.sim.style import LEVELS
+from apm_bench.sim.profile import SimProfile
 from apm_bench.world.catalog import Attribute, Principle
-
-
-class SimProfile(BaseModel):
-    """How strongly a simulated model of a given size reacts to each kind of cue."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    instruction: float = Field(ge=0, description="push from an explicit FOLLOW/AVOID instruction")
-    keyword: float = Field(ge=0, description="push from free-text preference talk")
-    imitation: float = Field(ge=0, description="push from the measured style of preferred examples")
-    stereotype: float = Field(ge=0, description="push from attribute phrases through stereotypical associations")
-    stickiness: float = Field(gt=0, default=2.0, description="how strongly the model keeps its default level 0")
-    lean: dict[str, float] = Field(default_factory=dict, description="the model's default style per principle")
-    hidden_size: int = Field(gt=0, default=32, description="width of soft-prompt tokens")
 
 
 class StyleAdapter(nn.Module):
