@@ -57,6 +57,7 @@ class SimBackend(Backend):
         self.codec = StyleCodec(catalog.principles)
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
         self._read: dict[tuple[Message, ...], np.ndarray] = {}
+        self._attribute_memo: dict[str, np.ndarray] = {}
 
     @cached_property
     def policy(self) -> SimPolicy:
@@ -89,6 +90,15 @@ class SimBackend(Backend):
                 self._read[key] = self.reader.read(conversation)
             rows.append(self._read[key])
         return torch.tensor(np.stack(rows) if rows else np.zeros((0, self.reader.width)), dtype=torch.float32)
+
+    def _attributes(self, text: str) -> np.ndarray:
+        """The reader's attribute sides of a text, memoised: POPI's training reads the same
+        histories every epoch."""
+        if text not in self._attribute_memo:
+            if len(self._attribute_memo) >= READ_MEMO_SIZE:
+                self._attribute_memo.clear()
+            self._attribute_memo[text] = self.reader.attributes(text)
+        return self._attribute_memo[text]
 
     def push_for(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         import torch
@@ -156,7 +166,7 @@ class SimBackend(Backend):
     def _summary_log_probs(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         import torch
 
-        evidence = np.stack([self.reader.attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
+        evidence = np.stack([self._attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.summarizer.adapters):
             weight = torch.load(_adapter_path(requests, name) / SUMMARIZER_ADAPTER_FILE, map_location="cpu", weights_only=True)

@@ -95,9 +95,9 @@ class SimSummarizer(nn.Module):
 
     def log_probs(self, h: torch.Tensor, adapters: list[str | None]) -> torch.Tensor:
         logits = h @ self.base_map.T
-        for row, name in enumerate(adapters):
-            if name is not None:
-                logits = logits.index_add(0, torch.tensor([row]), (h[row : row + 1] @ self.adapters[name].T))
+        for name in dict.fromkeys(a for a in adapters if a is not None):  # one update per adapter, not per row
+            rows = torch.tensor([i for i, a in enumerate(adapters) if a == name])
+            logits = logits.index_add(0, rows, h[rows] @ self.adapters[name].T)
         return torch.log_softmax(logits, dim=-1)
 
     def sample(self, log_probs: torch.Tensor, temperature: float, rng: np.random.Generator) -> str:
