@@ -98,6 +98,7 @@ def _run_options(
     summaries: Optional[Path] = typer.Option(None, "--summaries", help="popi: reuse summaries from a run's samples.parquet (or JSONL)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options (CLI options win)"),
     out: Optional[Path] = typer.Option(None, help="where run folders go (default results/runs)"),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="φ's engine: onnx-int8 (default where onnxruntime is installed) or torch"),
 ) -> None:
     """The options of every command that runs the benchmark (`apm run`, `apm curve`), declared once."""
 

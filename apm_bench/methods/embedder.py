@@ -5,6 +5,11 @@ is embedded as the normalised mean of its messages' embeddings: averaging over m
 their topics and keeps how the user writes, and it beats embedding the concatenated history (as
 the reference implementation does with a larger encoder) at the same cost on this small encoder.
 Message vectors are memoised per text for the life of the embedder.
+
+Two backends compute the same function: "onnx-int8" (onnx_encoder.py: an int8 export of the same
+weights on onnxruntime, several times faster on a CPU; the default where onnxruntime is installed)
+and "torch" (sentence-transformers itself, the reference). Their vectors differ slightly, so the
+call cache keys them apart.
 """
 
 from __future__ import annotations
@@ -12,26 +17,43 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, Literal
 
 import numpy as np
 
 from apm_bench.cache import CacheStats, CallCache, cache_key
+from apm_bench.errors import ConfigError
+from apm_bench.methods.onnx_encoder import EXPORT, OnnxEncoder, onnx_available
+
+EmbedderBackend = Literal["onnx-int8", "torch"]
+
+
+def default_backend() -> EmbedderBackend:
+    return "onnx-int8" if onnx_available() else "torch"
 
 
 class HistoryEmbedder:
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self, batch_size: int = 64, device: str = "cpu", cache: CallCache | None = None) -> None:
+    def __init__(self, batch_size: int = 64, device: str = "cpu", cache: CallCache | None = None,
+                 backend: EmbedderBackend | None = None) -> None:
         self.batch_size = batch_size
         self.device = device
         self.cache = cache
+        #: onnx-int8 runs on the CPU only: a GPU device means torch unless asked otherwise
+        self.backend: EmbedderBackend = backend or (default_backend() if device == "cpu" else "torch")
+        if self.backend == "onnx-int8" and not onnx_available():
+            raise ConfigError("φ's onnx-int8 backend needs onnxruntime: pip install onnxruntime onnx, or use --embedder torch")
         self.stats = CacheStats()
-        self._model = None
+        self._model: Any = None
         self._memo: dict[str, np.ndarray] = {}
         self.encoded_texts = 0
 
-    def _load(self):  # type: ignore[no-untyped-def]
-        if self._model is None:
+    def _load(self) -> Any:
+        if self._model is None and self.backend == "onnx-int8":
+            self._model = OnnxEncoder(batch_size=self.batch_size)
+        elif self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -48,12 +70,20 @@ class HistoryEmbedder:
     def dimension(self) -> int:
         if self._memo:  # known without loading the model (a run served from the cache never loads it)
             return len(next(iter(self._memo.values())))
+        if self.backend == "onnx-int8":
+            return self._load().dimension
         return int(self._load().get_embedding_dimension())
+
+    def _cache_key(self, text: str) -> str:
+        """torch's keys are those of every cache written before there were backends."""
+        if self.backend == "torch":
+            return cache_key("embedding", self.name, text)
+        return cache_key("embedding", self.name, {"backend": self.backend, **asdict(EXPORT)}, text)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if missing and self.cache is not None:
-            keys = [cache_key("embedding", self.name, text) for text in missing]
+            keys = [self._cache_key(text) for text in missing]
             stored = self.cache.get_or_compute(
                 keys, "embedding", lambda idx: [_pack(v) for v in self._encode([missing[i] for i in idx])], self.stats
             )
@@ -65,7 +95,10 @@ class HistoryEmbedder:
         return np.stack([self._memo[t] for t in texts])
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self._load().encode(texts, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False)
+        if self.backend == "onnx-int8":
+            vectors = self._load().encode(texts)
+        else:
+            vectors = self._load().encode(texts, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False)
         self.encoded_texts += len(texts)
         return np.asarray(vectors, dtype=np.float32)
 

@@ -26,7 +26,8 @@ from apm_bench.reporting.report import plot_deltas, plot_training, render_report
 from apm_bench.run.runner import RunResult
 
 SCHEMA_VERSION = 1
-TRACKED_PACKAGES = ("apm-bench", "numpy", "pandas", "scikit-learn", "torch", "sentence-transformers", "pydantic")
+TRACKED_PACKAGES = ("apm-bench", "numpy", "pandas", "scikit-learn", "torch", "sentence-transformers", "onnxruntime",
+                    "pydantic")
 
 
 class RunRecord(BaseModel):

@@ -18,6 +18,8 @@ from apm_bench.world.prompting import InstructionTexts
 
 Control = Literal["no-history", "shuffled-history"]
 EngineRole = Literal["generator", "candidate_writer", "history_writer", "judge"]
+#: φ's backends (methods/embedder.py); spelled out here so that reading a config stays light
+EmbedderBackend = Literal["onnx-int8", "torch"]
 SIM_JUDGE = "sim-judge"
 SIM_WRITER = "sim"
 #: named role sets: which model the candidate writer, the history writer and the judge run on
@@ -143,6 +145,9 @@ class RunConfig(BaseModel):
     bootstrap_seed: Seed = 0
     out: Path = Path("results/runs")
     keep_artifacts: bool = Field(default=True, description="copy trained weights into the run folder")
+    embedder: EmbedderBackend | None = Field(
+        default=None, description="φ's engine: onnx-int8 or torch; unset: onnx-int8 where onnxruntime is installed "
+                                  "(a run's config.json records the one it used)")
 
     @field_validator("label_strategy")
     @classmethod

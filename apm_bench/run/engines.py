@@ -190,7 +190,7 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
                                           max_tokens=config.writer_max_tokens, prompt=config.writer_prompt,
                                           discard_truncated=config.writer_discard_truncated)
     if embedder is None:
-        embedder = HistoryEmbedder(cache=cache)
+        embedder = HistoryEmbedder(cache=cache, backend=config.embedder)
     twin = getattr(generator, "training_twin", None)
     trainer = LazyEngine(f"{config.model} (training)", twin, budget) if twin is not None else None
     return Engines(generator, candidate_writer, judge, history_writer, embedder, cache, list(built.values()), budget,

@@ -79,6 +79,7 @@ def run_benchmark(
     if config.train_users is not None:  # so does a cap larger than a world's training set
         build_worlds(config, catalog, load_population(config, catalog))
     engines = build_engines(config, catalog, embedder)
+    config = config.model_copy(update={"embedder": engines.embedder.backend})  # recorded: the φ this run used
     engines.report_retries(say.detail)
     try:
         population = load_population(config, catalog, engines.history_writer)
