@@ -322,3 +322,23 @@ def test_a_shared_baseline_is_generated_and_judged_once_for_every_world(embedder
                              embedder=embedder)
     responses = separate.samples[separate.samples["method"] == "baseline"].groupby("world")["response"].apply(list)
     assert responses[0] != responses[1]  # by default each world draws its own baseline
+
+
+@pytest.mark.parametrize(("methods", "embeds"), [(["routing", "history"], True), (["history"], False)])
+def test_phi_starts_on_every_shown_history_before_the_candidates_only_where_a_method_embeds(
+        methods: list[str], embeds: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apm_bench.judging.candidates import CandidateBank
+
+    events: list[tuple[str, int]] = []
+    prefetch, ensure = HistoryEmbedder.prefetch, CandidateBank.ensure
+    monkeypatch.setattr(HistoryEmbedder, "prefetch", lambda self, texts: (events.append(("phi", len(set(texts)))), prefetch(self, texts))[1])
+    monkeypatch.setattr(CandidateBank, "ensure", lambda self, prompts: (events.append(("candidates", len(prompts))), ensure(self, prompts))[1])
+    embedder = HistoryEmbedder()
+    result = run_benchmark(RunConfig(methods=methods, users=60, worlds=[0], history_len=3, cache=None), embedder=embedder)
+    _, population = prepare(result.config)
+    shown = {m for user in population.users for m in user.history}
+    if embeds:
+        assert events[0] == ("phi", len(shown)) and events[1][0] == "candidates"
+        assert embedder.encoded_texts == len(shown)  # each text once: the methods took the prefetched vectors
+    else:
+        assert [kind for kind, _ in events] == ["candidates"] and embedder.encoded_texts == 0

@@ -129,3 +129,36 @@ def test_the_model_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert onnx_encoder.model_cache_dir() == tmp_path / "apm-bench" / "models"
     monkeypatch.setenv("APM_MODEL_CACHE", str(tmp_path / "elsewhere"))
     assert onnx_encoder.model_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_prefetched_vectors_are_encoded_once_and_reach_the_cache(exporting: OnnxEncoder, model_dir: Path, texts: list[str],
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APM_MODEL_CACHE", str(model_dir))
+    cache = CallCache(tmp_path / "calls.sqlite")
+    wanted = texts[:30]
+    expected = exporting.encode(wanted)  # one call over the same texts: the same batches
+    embedder = HistoryEmbedder(cache=cache, backend="onnx-int8")
+    embedder.prefetch(wanted + wanted[:5])
+    assert np.array_equal(embedder.embed_texts(wanted[:20]), expected[:20])
+    assert embedder.encoded_texts == 30 and embedder.stats.misses == 20  # all 30 encoded once, 20 stored
+    assert np.array_equal(embedder.embed_texts(wanted[20:]), expected[20:])
+    assert embedder.encoded_texts == 30 and embedder.stats.misses == 30
+    again = HistoryEmbedder(cache=cache, backend="onnx-int8")
+    again.prefetch(wanted)  # everything is in the cache: read now, nothing encoded
+    assert again._prefetch is None and again.stats.hits == 30
+    assert np.array_equal(again.embed_texts(wanted), expected) and again.encoded_texts == 0
+    cache.close()
+
+
+def test_a_failed_prefetch_fails_where_the_vectors_are_wanted(model_dir: Path, texts: list[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APM_MODEL_CACHE", str(model_dir))
+    embedder = HistoryEmbedder(backend="onnx-int8")
+
+    def broken(batch: list[str]) -> np.ndarray:
+        raise RuntimeError("the encoder broke")
+
+    monkeypatch.setattr(embedder, "_encode_now", broken)
+    embedder.prefetch(texts[:5])
+    with pytest.raises(RuntimeError, match="the encoder broke"):
+        embedder.embed_texts(texts[:2])

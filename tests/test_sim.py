@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apm_bench.backends import load_backend
 from apm_bench.backends.base import AdapterRef, GenerationRequest, Message, SamplingParams, SoftPrompt, chat
@@ -114,6 +116,41 @@ def test_same_seed_same_text_and_logprobs_match_the_policy(catalog: Catalog) -> 
     assert first.logprob is not None and first.logprob < 0
     other = backend.generate([GenerationRequest(chat(PROMPT), seed=12)])[0]
     assert other.text != first.text
+
+
+def test_a_conversation_reads_as_the_sum_of_its_messages(catalog: Catalog) -> None:
+    """The reader memoises each message's attribute evidence; the sum must be what reading the
+    whole conversation at once finds."""
+    reader = load_backend("sim-large", catalog).reader
+    phrases = [p for a in catalog.attributes for side in ("follow", "avoid") for p in a.side(side).phrases]
+
+    @given(st.lists(st.lists(st.sampled_from([*phrases, PROMPT, "and", ""]), max_size=6).map(" ".join), max_size=6))
+    @settings(max_examples=150, deadline=None)
+    def check(messages: list[str]) -> None:
+        together = reader.attribute_evidence("\n".join(messages))
+        assert np.array_equal(reader.messages_evidence(messages), together)
+        assert np.array_equal(reader.messages_evidence(messages), together)  # from the memo
+
+    check()
+
+
+def test_answers_without_torch_match_the_torch_policy(catalog: Catalog) -> None:
+    """Plain requests are answered in numpy; with a (still neutral) adapter they go through the torch
+    policy. The two must draw the same responses with the same log-probabilities."""
+    backend = load_backend("sim-large", catalog)
+    casual = catalog.principles[0]
+    contexts = [chat(PROMPT), chat(PROMPT, style_instruction(casual, "follow")), chat(PROMPT, style_instruction(casual, "avoid")),
+                chat(PROMPT, "This user does not like casual answers."), chat("I'm a night owl. " + PROMPT)]
+    plain = [GenerationRequest(c, seed=seed, params=SamplingParams(temperature=t, logprobs=True))
+             for c in contexts for seed in range(20) for t in (0.3, 1.0)]
+    backend.add_adapter("neutral")  # B starts at zero: the same distribution, through torch
+    adapted = [GenerationRequest(r.messages, seed=r.seed, params=r.params, adapter=AdapterRef("neutral")) for r in plain]
+    numpy_answers, torch_answers = backend.generate(plain), backend.generate(adapted)
+    assert [a.text for a in numpy_answers] == [a.text for a in torch_answers]
+    assert [a.logprob for a in numpy_answers] == pytest.approx([a.logprob for a in torch_answers], abs=1e-5)
+    scored = backend.sequence_logprob(plain, [a.text for a in numpy_answers]).tolist()
+    assert [a.logprob for a in numpy_answers] == pytest.approx(scored, abs=1e-5)
+    assert len({a.text for a in numpy_answers}) > len(contexts)  # the draws differ by seed
 
 
 def test_adapter_starts_neutral_then_changes_the_distribution_and_trains(catalog: Catalog, tmp_path) -> None:  # type: ignore[no-untyped-def]

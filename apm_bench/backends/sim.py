@@ -12,6 +12,7 @@ import numpy as np
 
 from apm_bench.backends.base import Backend, Capabilities, Generation, GenerationRequest, Message
 from apm_bench.cache import cache_key
+from apm_bench.sim.levels import base_map, level_log_probs, sample_levels, style_log_prob
 from apm_bench.sim.profile import SimProfile
 from apm_bench.sim.reader import ContextReader
 from apm_bench.sim.style import StyleCodec, stable_seed
@@ -57,7 +58,6 @@ class SimBackend(Backend):
         self.codec = StyleCodec(catalog.principles)
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
         self._read: dict[tuple[Message, ...], np.ndarray] = {}
-        self._attribute_memo: dict[str, np.ndarray] = {}
 
     @cached_property
     def policy(self) -> SimPolicy:
@@ -76,11 +76,9 @@ class SimBackend(Backend):
         """The simulator's answers depend on its profile, the catalog pool and its own version."""
         return cache_key(SIM_VERSION, self.name, self.model, self.profile.model_dump(), self.catalog.model_dump())
 
-    def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
+    def feature_rows(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
         """What the policy reads from each context, memoised: training scores the same requests
         every epoch, and reading is the slow part of the simulator."""
-        import torch
-
         rows = []
         for conversation in conversations:
             key = tuple(conversation)
@@ -89,16 +87,20 @@ class SimBackend(Backend):
                     self._read.clear()
                 self._read[key] = self.reader.read(conversation)
             rows.append(self._read[key])
-        return torch.tensor(np.stack(rows) if rows else np.zeros((0, self.reader.width)), dtype=torch.float32)
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.reader.width), dtype=np.float32)
 
-    def _attributes(self, text: str) -> np.ndarray:
-        """The reader's attribute sides of a text, memoised: POPI's training reads the same
-        histories every epoch."""
-        if text not in self._attribute_memo:
-            if len(self._attribute_memo) >= READ_MEMO_SIZE:
-                self._attribute_memo.clear()
-            self._attribute_memo[text] = self.reader.attributes(text)
-        return self._attribute_memo[text]
+    def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.feature_rows(conversations))
+
+    @cached_property
+    def base_map(self) -> np.ndarray:
+        return base_map(self.profile, self.catalog.principles, self.catalog.attributes, self.reader.width)
+
+    def _user_evidence(self, request: GenerationRequest) -> np.ndarray:
+        """The attribute phrases in what the user wrote (the reader memoises each message)."""
+        return self.reader.messages_evidence([m.content for m in request.messages if m.role == "user"])
 
     def push_for(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         import torch
@@ -145,9 +147,8 @@ class SimBackend(Backend):
         about how this user writes, and nothing about the answers they want."""
         generations = []
         for request in requests:
-            shown = "\n".join(m.content for m in request.messages if m.role == "user")
             rng = np.random.default_rng(stable_seed("sim-vibe", request.seed))
-            text = self.summarizer.describe_writing(self.reader.attribute_evidence(shown), request.params.temperature, rng)
+            text = self.summarizer.describe_writing(self._user_evidence(request), request.params.temperature, rng)
             generations.append(Generation(text, 0.0 if request.params.logprobs else None,
                                           sum(len(m.content.split()) for m in request.messages), len(text.split())))
         return generations
@@ -166,7 +167,7 @@ class SimBackend(Backend):
     def _summary_log_probs(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         import torch
 
-        evidence = np.stack([self._attributes("\n".join(m.content for m in r.messages if m.role == "user")) for r in requests])
+        evidence = np.sign(np.stack([self._user_evidence(r) for r in requests]))
         adapters = [r.adapter.name if r.adapter else None for r in requests]
         for name in {a for a in adapters if a is not None} - set(self.summarizer.adapters):
             weight = torch.load(_adapter_path(requests, name) / SUMMARIZER_ADAPTER_FILE, map_location="cpu", weights_only=True)
@@ -260,25 +261,23 @@ class SimBackend(Backend):
         return [results[i] for i in range(len(requests))]
 
     def _respond(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        import torch
-
+        """Requests with adapters or soft prompts need the torch policy; the rest are answered in numpy."""
         if not requests:
             return []
-        with torch.no_grad():
-            push = self.push_for(requests)
+        if any(r.adapter is not None or r.soft_prompt is not None for r in requests):
+            import torch
+
+            with torch.no_grad():
+                push = self.push_for(requests).numpy()
+        else:
+            push = self.feature_rows([r.messages for r in requests]) @ self.base_map.T
         rngs = [np.random.default_rng(stable_seed("sim-generate", r.seed)) for r in requests]
         uniforms = np.stack([rng.random(self.codec.size) for rng in rngs])
         temperatures = np.array([r.params.temperature for r in requests])
-        styles = self.policy.sample(push, temperatures, uniforms)
-        logprobs: list[float | None] = [None] * len(requests)
-        wanted = [i for i, r in enumerate(requests) if r.params.logprobs]
-        if wanted:
-            with torch.no_grad():
-                values = self.policy.style_log_prob(
-                    push[wanted], torch.as_tensor(styles[wanted]), torch.as_tensor(temperatures[wanted], dtype=torch.float32)
-                )
-            for i, value in zip(wanted, values.tolist()):
-                logprobs[i] = value
+        log_probs = level_log_probs(push, self.profile.stickiness, temperatures)
+        styles = sample_levels(log_probs, uniforms)
+        values = style_log_prob(log_probs, styles).tolist()
+        logprobs = [float(v) if r.params.logprobs else None for r, v in zip(requests, values)]
         generations = []
         for request, style, rng, logprob in zip(requests, styles, rngs, logprobs):
             prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")

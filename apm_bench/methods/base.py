@@ -109,6 +109,12 @@ class Personalizer(ABC):
         except ValidationError as exc:
             raise ConfigError(f"method {self.name!r}: option {first_error(exc)}") from None
 
+    def embeds_histories(self) -> bool:
+        """Whether fitting or personalizing embeds histories with φ (`context.embedder`): a run then
+        encodes them in the background while candidates are written and rated. A wrong answer
+        costs time, never correctness."""
+        return False
+
     def fit(self, context: FitContext) -> None:
         """Learn from training users; methods without a learning step keep this no-op."""
 

@@ -73,6 +73,9 @@ class Cbpo(Personalizer):
     Options = CbpoOptions
     options: CbpoOptions
 
+    def embeds_histories(self) -> bool:
+        return True
+
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self.router = Routing(label_strategy=self.options.label_strategy)

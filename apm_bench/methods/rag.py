@@ -57,6 +57,9 @@ class Rag(Personalizer):
     Options = RagOptions
     options: RagOptions
 
+    def embeds_histories(self) -> bool:
+        return True
+
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self._examples: list[_Example] = []

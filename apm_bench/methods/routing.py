@@ -93,6 +93,9 @@ class Routing(Personalizer):
     Options = RoutingOptions
     options: RoutingOptions
 
+    def embeds_histories(self) -> bool:
+        return self.options.classifier != "finetune"
+
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self._classifier: LinearRouter | None = None

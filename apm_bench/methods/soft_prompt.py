@@ -145,6 +145,9 @@ class SoftPromptMethod(Personalizer):
     Options = SoftPromptOptions
     options: SoftPromptOptions
 
+    def embeds_histories(self) -> bool:
+        return True
+
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self.projector: SoftPromptProjector | None = None

@@ -99,6 +99,18 @@ class Planned:
     rating_seed: int = 0
 
 
+def prefetch_history_vectors(variants: list[MethodVariant], worlds: list[World], config: RunConfig, engines: Engines) -> None:
+    """Phase 1½: where a method will embed histories, φ starts on every history it can be shown, in
+    the background, so that encoding overlaps the Python work of writing and rating candidates."""
+    if not any(METHODS.get(v.method)(**v.options).embeds_histories() for v in variants):
+        return
+    messages = []
+    for world in worlds:
+        histories = apply_control(world, config)
+        messages += [m for uid in world.split.train + world.split.validation + world.split.test for m in histories[uid]]
+    engines.embedder.prefetch(messages)
+
+
 def rated_candidates(
     config: RunConfig, catalog: Catalog, engines: Engines, worlds: list[World], watch: Stopwatch, say: Stages,
     with_test_users: bool = False,

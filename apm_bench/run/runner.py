@@ -28,6 +28,7 @@ from apm_bench.run.phases import (
     fit_and_plan,
     fit_context,
     generate_all,
+    prefetch_history_vectors,
     rate_all,
     rated_candidates,
     test_users_frame,
@@ -106,6 +107,7 @@ def _run_all(
     label_training: list[tuple[str, str, float, int]] = []
     worlds = build_worlds(config, catalog, population)
     with_test_users = any(METHODS.get(v.method).needs_test_feedback for v in variants)
+    prefetch_history_vectors(variants, worlds, config, engines)
     bank = rated_candidates(config, catalog, engines, worlds, watch, say, with_test_users)
     planned: list[Planned] = []
     for world in worlds:

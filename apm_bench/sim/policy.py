@@ -10,20 +10,21 @@ For each principle p the policy puts a categorical distribution over intensity l
 
 The log-probability of a response is the log-probability of its style vector, so preference
 losses (DPO, SimPO, C-BPO) train adapters and soft prompts here with the same code as on a real
-model. The base map is frozen: it is "the pretrained model".
+model. The base map is frozen: it is "the pretrained model". Requests without adapters or soft
+prompts are answered by the same arithmetic in numpy (`sim/levels.py`), without loading torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from apm_bench.sim.style import LEVELS
+from apm_bench.sim.levels import base_map
 from apm_bench.sim.profile import SimProfile
+from apm_bench.sim.style import LEVELS
 from apm_bench.world.catalog import Attribute, Principle
 
 
@@ -50,26 +51,13 @@ class SimPolicy(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        n_p, n_a = len(principles), len(attributes)
-        if feature_width != 3 * n_p + n_a + 1:
-            raise ValueError("feature width does not match the principle and attribute pools")
         self.profile = profile
-        self.n_principles = n_p
+        self.n_principles = len(principles)
         self.feature_width = feature_width
-        base = torch.zeros(n_p, feature_width)
-        eye = torch.eye(n_p)
-        base[:, :n_p] = profile.instruction * eye
-        base[:, n_p : 2 * n_p] = profile.keyword * eye
-        base[:, 2 * n_p : 3 * n_p] = profile.imitation * eye
-        principle_index = {p.id: i for i, p in enumerate(principles)}
-        for a_index, attribute in enumerate(attributes):
-            for principle_id, weight in attribute.stereotype.items():
-                if principle_id in principle_index:
-                    base[principle_index[principle_id], 3 * n_p + a_index] = profile.stereotype * weight
-        base[:, -1] = torch.tensor([profile.lean.get(p.id, 0.0) for p in principles])
+        base = torch.from_numpy(base_map(profile, principles, attributes, feature_width))
         self.register_buffer("base_map", base)
         generator = torch.Generator().manual_seed(seed)
-        reader = torch.randn(n_p, profile.hidden_size, generator=generator) / profile.hidden_size**0.5
+        reader = torch.randn(self.n_principles, profile.hidden_size, generator=generator) / profile.hidden_size**0.5
         self.register_buffer("soft_prompt_reader", reader)
         self.register_buffer("levels", torch.tensor(LEVELS, dtype=torch.float32))
         self.adapters = nn.ModuleDict()
@@ -127,11 +115,3 @@ class SimPolicy(nn.Module):
         log_probs = self.level_log_probs(push, temperature)
         index = (styles.long() + int(-LEVELS.min())).unsqueeze(-1)
         return log_probs.gather(-1, index).squeeze(-1).sum(dim=-1)
-
-    def sample(self, push: torch.Tensor, temperatures: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        """Inverse-CDF sampling with caller-supplied uniforms, so each request's seed fixes its draw."""
-        with torch.no_grad():
-            probs = self.level_log_probs(push, torch.as_tensor(temperatures, dtype=push.dtype)).exp().numpy()
-        cumulative = probs.cumsum(axis=-1)
-        index = (uniforms[..., None] > cumulative).sum(axis=-1)
-        return LEVELS[np.minimum(index, len(LEVELS) - 1)]

@@ -22,6 +22,7 @@ from apm_bench.world.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG, paper_sen
 
 _NEGATIONS = frozenset("not no avoid avoids avoiding without never dislike dislikes less hates hate non".split())
 _TAGGED = re.compile(r"<(prompt|best_response|worst_response)>.*?</\1>", re.DOTALL)
+MEMO_SIZE = 100_000  # messages whose attribute evidence is kept (a small array each)
 
 
 class ContextReader:
@@ -53,6 +54,9 @@ class ContextReader:
             phrase_sign.update({ph: (index, -1) for ph in attribute.avoid.phrases})
         self._phrase_sign = phrase_sign
         self._phrases = re.compile("|".join(re.escape(p) for p in sorted(phrase_sign, key=len, reverse=True)))
+        #: a phrase never spans two messages, so a conversation's evidence is the sum of its messages'
+        self._per_message = not any("\n" in phrase for phrase in phrase_sign)
+        self._evidence_memo: dict[str, np.ndarray] = {}
         self._best = re.compile(rf"<{BEST_TAG}>(.*?)</{BEST_TAG}>", re.DOTALL)
         self._worst = re.compile(rf"<{WORST_TAG}>(.*?)</{WORST_TAG}>", re.DOTALL)
 
@@ -69,7 +73,7 @@ class ContextReader:
                 self.instructions(everything),
                 self.keywords(system),
                 self.imitation(system),
-                self.attributes(everything),
+                np.sign(self.messages_evidence([m.content for m in messages])),
                 [1.0],
             ]
         )
@@ -115,6 +119,18 @@ class ContextReader:
             values[index] += sign
         return values
 
-    def attributes(self, text: str) -> np.ndarray:
-        """Which attribute sides the user's writing shows: the sign of the phrase evidence per attribute."""
-        return np.sign(self.attribute_evidence(text))
+    def messages_evidence(self, texts: Sequence[str]) -> np.ndarray:
+        """The evidence of messages read together, each message's memoised: the same prompts and
+        history messages come back in thousands of contexts, and the phrase search is the slow part
+        of reading one."""
+        if not self._per_message:
+            return self.attribute_evidence("\n".join(texts))
+        total = np.zeros(self.n_attributes)
+        for text in texts:
+            evidence = self._evidence_memo.get(text)
+            if evidence is None:
+                if len(self._evidence_memo) >= MEMO_SIZE:
+                    self._evidence_memo.clear()
+                evidence = self._evidence_memo[text] = self.attribute_evidence(text)
+            total += evidence
+        return total
