@@ -1,9 +1,10 @@
-# apm-bench: `make run` installs into .venv and runs the default benchmark; `make test` runs the tests.
+# apm-bench: `make run` installs into .venv and runs the default benchmark; `make test` runs the tests
+# (`make test-slow` the few that need the default configuration's full size; CI runs both).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm run test test-browser test-vllm test-gpu bench bench-vllm suite leaderboard clean
+.PHONY: setup setup-vllm run test test-slow test-browser test-vllm test-gpu bench bench-vllm suite leaderboard clean
 
 setup: $(VENV)/.installed
 
@@ -29,8 +30,18 @@ $(VLLM_VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/apm run --method routing
 
+# the suite on parallel workers (pytest-xdist), one per core up to 4, each given whole test files
+# so that a module's shared fixture is computed once, the heaviest files first (tests/conftest.py);
+# plain `pytest` runs the same tests in one process
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+PYTEST_PARALLEL := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST_PARALLEL) -m "not slow"
+
+# end-to-end tests at the default configuration's full size (marked `slow`): what `make test` leaves out
+test-slow: setup
+	$(PYTEST_PARALLEL) -m slow
 
 # the viewer in headless Chromium (part of `make test` too; needs Debian's chromium and chromium-driver)
 test-browser: setup

@@ -157,10 +157,13 @@ def test_failed_judge_ratings_are_counted(embedder: HistoryEmbedder) -> None:
 
 @pytest.fixture(scope="module")
 def default_run(embedder: HistoryEmbedder):  # type: ignore[no-untyped-def]
-    """The default config (3 worlds, 400 users), all four label strategies, history side by side."""
+    """The default config (3 worlds, 400 users), all four label strategies, history side by side.
+    Its tests are `slow` (`make test-slow`): their claims are about the default size, so it cannot shrink;
+    the no-history controls below, also `slow`, read most of their calls from the cache it fills."""
     return run_benchmark(RunConfig(methods=["routing", "history"], label_strategy=["all"]), embedder=embedder)
 
 
+@pytest.mark.slow
 def test_default_config_oracle_and_routing_improve_significantly(default_run) -> None:  # type: ignore[no-untyped-def]
     assert default_run.config.worlds == [0, 1, 2]
     oracle = _pooled(default_run, "oracle")
@@ -172,6 +175,7 @@ def test_default_config_oracle_and_routing_improve_significantly(default_run) ->
     assert {"routing[abs]", "routing[abs_two_sided]", "routing[margin]", "routing[regression]", "history"} <= labels
 
 
+@pytest.mark.slow
 def test_the_prior_runs_beside_every_method_and_earns_nothing_on_a_balanced_population(default_run) -> None:  # type: ignore[no-untyped-def]
     prior = _pooled(default_run, "prior")
     assert prior.n_users == _pooled(default_run, "routing[margin]").n_users
@@ -180,6 +184,7 @@ def test_the_prior_runs_beside_every_method_and_earns_nothing_on_a_balanced_popu
     assert _pooled(default_run, "routing[margin]").ci_low > prior.ci_high  # routing reads histories, the prior cannot
 
 
+@pytest.mark.slow
 def test_routing_diagnostics_measure_chosen_labels_against_true_top_targets(default_run) -> None:  # type: ignore[no-untyped-def]
     from apm_bench.judging.label_diagnostics import top_label
 
@@ -239,6 +244,7 @@ def test_split_per_world_gives_each_world_its_own_stratified_split(embedder: His
     assert fresh[0] != fresh[1] and len(fresh[0]) == len(fresh[1]) == len(fixed[0])
 
 
+@pytest.mark.slow  # a control at the default size: a smaller one would hide a leak in a wider interval
 def test_no_history_control_removes_routing_gain(embedder: HistoryEmbedder) -> None:
     result = run_benchmark(RunConfig(methods=["routing"], control="no-history"), embedder=embedder)
     routing = _pooled(result, "routing")
@@ -246,6 +252,7 @@ def test_no_history_control_removes_routing_gain(embedder: HistoryEmbedder) -> N
     assert _pooled(result, "oracle").ci_low > 0  # the control hides histories, not the world
 
 
+@pytest.mark.slow  # a control at the default size: a smaller one would hide a leak in a wider interval
 def test_shuffled_history_control_removes_routing_gain(embedder: HistoryEmbedder) -> None:
     result = run_benchmark(RunConfig(methods=["routing"], control="shuffled-history"), embedder=embedder)
     routing = _pooled(result, "routing")

@@ -93,7 +93,7 @@ def test_keys_do_not_depend_on_dict_order() -> None:
 
 # --------------------------------------------------------------------------- whole runs
 
-RUN = ["run", "--method", "routing", "--users", "200", "--worlds", "2", "--history-len", "2"]
+RUN = ["run", "--method", "routing", "--users", "120", "--worlds", "2", "--history-len", "2"]
 
 
 def _apm(args: list[str], cwd: Path, batch: str = "64") -> subprocess.Popen:

@@ -1,19 +1,24 @@
-"""End-to-end tests of the `apm` command line, run as a subprocess.
+"""End-to-end tests of the `apm` command line.
 
 Every command runs with cwd set to a temporary folder and an explicit `--out`, so nothing touches
-the repository's results/. A real run loads a sentence embedder (~15-25 s), so the whole file makes
-exactly two real runs, shared through the module-scoped `two_runs` fixture; they start in a
-background thread when the module starts and overlap with the quick calls (the run tests come last).
+the repository's results/. The real runs, third-party plugins and the width of a pipe run `apm` as a
+subprocess; the other calls run it in this process through its entry point (`apm_inline`), since a
+fresh interpreter would cost more than the check. A real run loads a sentence embedder, so the file
+makes exactly two real runs as subprocesses, shared through the module-scoped `two_runs` fixture; they
+start in a background thread when the module starts and overlap with the quick calls (the run tests
+come last).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -49,8 +54,35 @@ def apm(*args: object, cwd: Path, pythonpath: Path | None = None, columns: int |
     )
 
 
+def apm_inline(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """`apm ARGS` in this process, through `main()` as the console script calls it, in `cwd`: for calls
+    that are not about a fresh process (bad input, listings, help, an option's effect on a small run),
+    which would otherwise pay for the interpreter and its imports. Rich renders for 80 columns here."""
+    from apm_bench.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = ["apm", *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(["apm", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def describe(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+def unwrapped(text: str) -> str:
+    """Output without whitespace: rich wraps a long line (a deep temporary path) at a pipe's 80 columns."""
+    return "".join(text.split())
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -189,7 +221,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     assert before["old-run/metrics.json"] == OLD_METRICS.encode()
 
     # Options that are valid come first; the bad one is last (for --worlds, the last one wins).
-    proc = apm("run", "--users", "60", "--history-len", "2", "--out", out, *bad_args, cwd=bad_input_workspace)
+    proc = apm_inline("run", "--users", "60", "--history-len", "2", "--out", out, *bad_args, cwd=bad_input_workspace)
 
     assert proc.returncode != 0, describe(proc)
     combined = proc.stdout + proc.stderr
@@ -224,7 +256,7 @@ def test_long_error_message_stays_one_line_at_default_width(bad_input_workspace:
     ],
 )
 def test_usage_errors_have_no_traceback(bad_input_workspace: Path, args: list[str]) -> None:
-    proc = apm(*args, cwd=bad_input_workspace)
+    proc = apm_inline(*args, cwd=bad_input_workspace)
     assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
     assert proc.returncode == 2, describe(proc)
     if args:
@@ -236,7 +268,7 @@ def test_usage_errors_have_no_traceback(bad_input_workspace: Path, args: list[st
 
 
 def test_methods_lists_builtin_methods(tmp_path: Path) -> None:
-    proc = apm("methods", cwd=tmp_path)
+    proc = apm_inline("methods", cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     for name in ("baseline", "oracle", "history", "routing"):
         assert name in proc.stdout
@@ -244,14 +276,14 @@ def test_methods_lists_builtin_methods(tmp_path: Path) -> None:
 
 
 def test_models_lists_simulated_models(tmp_path: Path) -> None:
-    proc = apm("models", cwd=tmp_path)
+    proc = apm_inline("models", cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "sim-small" in proc.stdout
     assert "sim-large" in proc.stdout
 
 
 def test_help(tmp_path: Path) -> None:
-    proc = apm("--help", cwd=tmp_path)
+    proc = apm_inline("--help", cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     for command in ("run", "methods", "models"):
         assert command in proc.stdout
@@ -259,7 +291,7 @@ def test_help(tmp_path: Path) -> None:
 
 
 def test_run_help(tmp_path: Path) -> None:
-    proc = apm("run", "--help", cwd=tmp_path)
+    proc = apm_inline("run", "--help", cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     for option in ("--method", "--worlds", "--out", "--label-strategy"):
         assert option in proc.stdout
@@ -302,7 +334,7 @@ def test_small_run_writes_one_complete_run_folder(two_runs: dict) -> None:
     folders = two_runs["folders_after_first"]
     assert len(folders) == 1, two_runs["entries_after_first"]
     assert two_runs["entries_after_first"] == [folders[0].name], "leftover temporary folder after the run"
-    assert folders[0].name in first.stdout
+    assert folders[0].name in unwrapped(first.stdout)
     assert not (two_runs["work"] / "results").exists(), "the run ignored --out"
     files = set(two_runs["first_snapshot"])
     assert RUN_FILES <= files, files
@@ -366,7 +398,7 @@ def test_second_identical_run_adds_a_folder_and_keeps_the_first(two_runs: dict) 
     assert len(folders) == 2
     assert first_folder in folders
     new_folder = next(f for f in folders if f != first_folder)
-    assert new_folder.name in second.stdout
+    assert new_folder.name in unwrapped(second.stdout)
     assert RUN_FILES <= {p.name for p in new_folder.iterdir()}
     assert snapshot(first_folder) == two_runs["first_snapshot"], "the second run changed the first run's folder"
     assert not [p for p in two_runs["out"].iterdir() if p.name.startswith(".tmp-")]
@@ -376,8 +408,8 @@ def test_max_targets_keeps_the_largest_entries_of_a_dense_mapping(tmp_path: Path
     """The paper scores a dense world on the top n_attr principles by |r|, not on all of them."""
     import pandas as pd
 
-    proc = apm("run", *SMALL_RUN, "--mapping", "dense", "--n-attr", "2", "--max-targets", "2", "--method", "routing",
-               "--out", tmp_path / "runs", "--cache", tmp_path / "calls.sqlite", cwd=tmp_path)
+    proc = apm_inline("run", *SMALL_RUN, "--mapping", "dense", "--n-attr", "2", "--max-targets", "2", "--method", "routing",
+                      "--out", tmp_path / "runs", "--cache", tmp_path / "calls.sqlite", cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     samples = pd.read_parquet(next((tmp_path / "runs").glob("*/samples.parquet")))
     assert samples["targets"].map(len).max() == 2
@@ -385,6 +417,6 @@ def test_max_targets_keeps_the_largest_entries_of_a_dense_mapping(tmp_path: Path
 
 
 def test_a_test_conversation_file_needs_a_training_file(tmp_path: Path) -> None:
-    proc = apm("run", "--test-conversations", tmp_path / "test.jsonl", "--out", tmp_path / "runs", cwd=tmp_path)
+    proc = apm_inline("run", "--test-conversations", tmp_path / "test.jsonl", "--out", tmp_path / "runs", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "conversations_file" in proc.stderr
     assert not (tmp_path / "runs").exists()

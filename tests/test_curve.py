@@ -1,7 +1,7 @@
 """Learning curves (`apm curve`) and the training-set cap (`train_users`) they vary.
 
 One tiny curve runs in process (two points on 120 simulated users, one world) and is shared by the
-tests that read its files; the CLI's error paths run as subprocesses and must stop before any run.
+tests that read its files; the CLI's error paths run through its entry point and must stop before any run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_cli import apm, describe
+from test_cli import apm_inline, describe
 
 from apm_bench.errors import ConfigError, UnknownNameError
 from apm_bench.methods.embedder import HistoryEmbedder
@@ -28,11 +28,11 @@ VALUES = [1, 4]
 
 
 @pytest.fixture(scope="module")
-def tiny_curve(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CurveRecord]:
+def tiny_curve(embedder: HistoryEmbedder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CurveRecord]:
     work = tmp_path_factory.mktemp("curve")
     base = RunConfig(methods=["routing"], users=120, worlds=[0], bootstrap_resamples=200,
                      cache=work / "calls.sqlite", out=work / "curves")
-    return run_curve(base, "history_len", VALUES, embedder=HistoryEmbedder())
+    return run_curve(base, "history_len", VALUES, embedder=embedder)
 
 
 def _runs(record: CurveRecord, folder: Path) -> dict[int, Path]:
@@ -148,7 +148,7 @@ CLI_ERRORS = [
 @pytest.mark.parametrize(("args", "expected"), CLI_ERRORS)
 def test_bad_curve_input_is_one_error_line_before_any_run(tmp_path: Path, args: list[str], expected: list[str]) -> None:
     cache = tmp_path / "calls.sqlite"
-    proc = apm(*args, "--users", "200", "--method", "routing", "--out", tmp_path / "out", "--cache", cache, cwd=tmp_path)
+    proc = apm_inline(*args, "--users", "200", "--method", "routing", "--out", tmp_path / "out", "--cache", cache, cwd=tmp_path)
     assert proc.returncode == 2, describe(proc)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), describe(proc)

@@ -4,24 +4,17 @@ rows taken from the newest run of each method."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_cli import apm_inline
 
 from apm_bench.errors import ApmError, ConfigError
 from apm_bench.reporting.leaderboard import StaleLeaderboard, build, check, collect, length_controlled_delta
 from apm_bench.reporting.suite import SuiteConfig, load_suite, plan_suite, run_suite
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _apm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "apm_bench.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ})
 
 
 def _pooled_deltas(setting: Path, control: str | None) -> dict[str, float]:
@@ -91,7 +84,7 @@ def test_leaderboard_is_deterministic_and_its_check_catches_an_edited_metric(sui
     try:
         with pytest.raises(StaleLeaderboard, match="LEADERBOARD.md"):
             check(runs, out)
-        proc = _apm("leaderboard", "--runs", str(runs), "--out", str(out), "--check", cwd=suite_runs)
+        proc = apm_inline("leaderboard", "--runs", str(runs), "--out", str(out), "--check", cwd=suite_runs)
         assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     finally:
         metrics.write_text(original)

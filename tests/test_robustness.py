@@ -13,7 +13,7 @@ import pytest
 from robustness_files import (
     MMLU_ROWS, TRUTHFUL_ROWS, bbq_rows, build_letter_model, write_bbq, write_mmlu_pro, write_truthfulqa,
 )
-from test_cli import apm, describe
+from test_cli import apm_inline, describe
 
 from apm_bench.errors import QuestionFileError
 from apm_bench.judging.accuracy import accuracy_metrics, parse_letter
@@ -185,7 +185,7 @@ def test_questions_are_paired_with_a_seeded_cycle_of_test_users() -> None:
 
 def test_a_simulated_generator_is_refused_before_any_work(tmp_path: Path, sets: dict[str, Path]) -> None:
     out = tmp_path / "out"
-    proc = apm("robustness", "--method", "routing", "--mmlu-pro", sets["mmlu-pro"], "--out", out, cwd=tmp_path)
+    proc = apm_inline("robustness", "--method", "routing", "--mmlu-pro", sets["mmlu-pro"], "--out", out, cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, describe(proc)
     assert lines[0].startswith("error: robustness needs a real generator") and "sim-large" in lines[0]
@@ -244,10 +244,10 @@ def test_robustness_end_to_end_on_a_tiny_hf_model(tmp_path: Path, sets: dict[str
     from apm_bench.reporting.robustness import RobustnessRecord
 
     out = tmp_path / "out"
-    proc = apm("robustness", "--method", "routing,rag", "--backend", "hf", "--model", letter_model,
-               "--mmlu-pro", sets["mmlu-pro"], "--truthfulqa", sets["truthfulqa"], "--bbq", sets["bbq"],
-               "--users", 40, "--history-len", 2, "--max-tokens", 1, "--cache", tmp_path / "calls.sqlite",
-               "--out", out, cwd=tmp_path)
+    proc = apm_inline("robustness", "--method", "routing,rag", "--backend", "hf", "--model", letter_model,
+                      "--mmlu-pro", sets["mmlu-pro"], "--truthfulqa", sets["truthfulqa"], "--bbq", sets["bbq"],
+                      "--users", 40, "--history-len", 2, "--max-tokens", 1, "--cache", tmp_path / "calls.sqlite",
+                      "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     (folder,) = list(out.iterdir())
     assert {p.name for p in folder.iterdir()} == {"robustness.json", "robustness.csv", "robustness.png", "answers.parquet"}

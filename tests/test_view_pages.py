@@ -20,7 +20,7 @@ from apm_bench.reporting.results import write_run
 from apm_bench.reporting.view import page as pages
 from apm_bench.run.config import RunConfig
 from apm_bench.run.runner import run_benchmark
-from tests.test_cli import apm
+from tests.test_cli import apm_inline
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_apm_view_refuses_what_is_not_a_run_or_results_folder(tmp_path: Path) ->
     (tmp_path / "notes.txt").write_text("x")
     for path, message in ((tmp_path / "absent", "does not exist"), (tmp_path / "notes.txt", "is a file"),
                           (tmp_path, "no run folders")):
-        completed = apm("view", str(path), cwd=tmp_path)
+        completed = apm_inline("view", str(path), cwd=tmp_path)
         assert completed.returncode == 2, completed.stderr
         assert completed.stderr.startswith("error: ") and message in completed.stderr
         assert len(completed.stderr.strip().splitlines()) == 1
@@ -177,7 +177,7 @@ def test_apm_view_refuses_what_is_not_a_run_or_results_folder(tmp_path: Path) ->
 def test_apm_view_writes_a_run_page_where_asked(run_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "pages" / "run.html"
     out.parent.mkdir()
-    completed = apm("view", str(run_folder), "--out", str(out), cwd=tmp_path)
+    completed = apm_inline("view", str(run_folder), "--out", str(out), cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert _payload(out.read_text(encoding="utf-8"))["run_id"] == run_folder.name
 
