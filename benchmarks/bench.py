@@ -5,7 +5,13 @@
 - **embed only**: a process that loads φ and embeds the default run's history texts, nothing
   else: the floor of a cold run, since everything else in it is cheap;
 - **scaling**: cold runs of one world at 400, 1 600, 6 400 and 25 600 users: wall time and the
-  process's peak memory, and how each grows (the exponent of a power-law fit; 1 = linear).
+  process's peak memory, and how each grows (the exponent of a power-law fit; 1 = linear);
+- **suite**: the leaderboard suite (`apm suite run configs/leaderboard.yaml`) on an empty cache;
+- **tests**: `make test`'s command (the suite on parallel workers, `slow` tests left out), and
+  `make test-slow`'s.
+
+Every cold run gets a folder of its own: the call cache and the artifact store beside it (fitted
+classifiers, adapters) are both empty, so no repeat reuses what an earlier one fitted.
 
 Each timing is the median of `--repeats` runs. Ratios: cold / embed only, warm / cold, and the
 vLLM paths' ratios to raw vLLM from `make bench-vllm`. Targets are written beside the figures,
@@ -30,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = ["run", "--method", "routing"]
 SCALING_USERS = (400, 1600, 6400, 25600)
-TARGETS = {"cold_default_s": 12.0, "warm_default_s": 4.0, "scaling_exponent": 1.15, "peak_25600_gib": 8.0}
+TARGETS = {"cold_default_s": 12.0, "warm_default_s": 4.0, "scaling_exponent": 1.15, "peak_25600_gib": 8.0,
+           "suite_cold_s": 360.0, "tests_s": 240.0}
 EMBED_ONLY = """
 import sys
 from apm_bench.methods.embedder import HistoryEmbedder
@@ -44,10 +51,10 @@ print(len(texts))
 """
 
 
-def timed(command: list[str]) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall seconds and peak resident memory (GiB) of one process, read from the OS when it exits."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -55,8 +62,10 @@ def timed(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def apm(args: list[str], out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "apm_bench.cli", *args, "--out", str(out / "runs"), "--cache", str(cache)]
+def apm(args: list[str], out: Path, folder: str) -> list[str]:
+    """An `apm` command whose call cache (and so artifact store) lives in `out/folder`."""
+    return [sys.executable, "-m", "apm_bench.cli", *args, "--out", str(out / "runs"), "--cache",
+            str(out / folder / "calls.sqlite")]
 
 
 def median_of(repeats: int, make_command) -> float:  # type: ignore[no-untyped-def]
@@ -71,8 +80,8 @@ def growth_exponent(sizes: list[int], values: list[float]) -> float:
 
 
 def default_figures(out: Path, repeats: int) -> dict[str, float]:
-    cold = median_of(repeats, lambda i: apm(DEFAULT_RUN, out, out / f"cold-{i}.sqlite"))
-    warm = median_of(repeats, lambda i: apm(DEFAULT_RUN, out, out / "cold-0.sqlite"))
+    cold = median_of(repeats, lambda i: apm(DEFAULT_RUN, out, f"cold-{i}"))
+    warm = median_of(repeats, lambda i: apm(DEFAULT_RUN, out, "cold-0"))
     embed = median_of(repeats, lambda i: [sys.executable, "-c", EMBED_ONLY])
     return {"cold_default_s": round(cold, 2), "warm_default_s": round(warm, 2), "embed_only_s": round(embed, 2),
             "cold_vs_embed_only": round(cold / embed, 2), "warm_vs_cold": round(warm / cold, 3)}
@@ -82,7 +91,7 @@ def scaling_figures(out: Path, sizes: tuple[int, ...]) -> dict[str, object]:
     rows = []
     for users in sizes:
         wall, peak = timed(apm(["run", "--method", "routing", "--worlds", "1", "--users", str(users)], out,
-                               out / f"scale-{users}.sqlite"))
+                               f"scale-{users}"))
         rows.append({"users": users, "wall_s": round(wall, 1), "peak_gib": round(peak, 2)})
         print(f"  {users:6d} users  {wall:7.1f} s  {peak:5.2f} GiB", flush=True)
     fitted = {"rows": rows}
@@ -90,6 +99,32 @@ def scaling_figures(out: Path, sizes: tuple[int, ...]) -> dict[str, object]:
         fitted["wall_exponent"] = round(growth_exponent(list(sizes), [r["wall_s"] for r in rows]), 2)
         fitted["memory_exponent"] = round(growth_exponent(list(sizes), [r["peak_gib"] for r in rows]), 2)
     return fitted
+
+
+def suite_figure(out: Path) -> dict[str, float]:
+    """The leaderboard suite, cold, written into `out` instead of results/suite."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "leaderboard.yaml").read_text())
+    config["out"] = str(out / "suite")
+    path = out / "leaderboard.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "APM_CACHE": str(out / "suite-cache" / "calls.sqlite")}
+    wall, peak = timed([sys.executable, "-m", "apm_bench.cli", "suite", "run", str(path)], env=env)
+    print(f"suite (cold)             {wall:.1f} s, {peak:.2f} GiB", flush=True)
+    return {"suite_cold_s": round(wall, 1), "suite_peak_gib": round(peak, 2)}
+
+
+def test_figures() -> dict[str, float]:
+    """`make test` and `make test-slow`, run as the Makefile runs them (one worker per core, up to 4)."""
+    workers = str(min(4, os.cpu_count() or 1))
+    figures = {}
+    for name, marker in (("tests_s", "not slow"), ("slow_tests_s", "slow")):
+        wall, _ = timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, "--dist",
+                         "loadfile", "--no-loadscope-reorder", "-m", marker])
+        figures[name] = round(wall, 1)
+        print(f"{name:24s} {wall:.1f} s", flush=True)
+    return figures
 
 
 def verdicts(figures: dict[str, float], scaling: dict[str, object]) -> dict[str, bool]:
@@ -101,6 +136,9 @@ def verdicts(figures: dict[str, float], scaling: dict[str, object]) -> dict[str,
     largest = [r for r in rows if r["users"] == 25600]  # type: ignore[index]
     if largest:
         met["peak_25600_gib"] = largest[0]["peak_gib"] <= TARGETS["peak_25600_gib"]  # type: ignore[index]
+    for name in ("suite_cold_s", "tests_s"):
+        if name in figures:
+            met[name] = figures[name] <= TARGETS[name]
     return met
 
 
@@ -109,6 +147,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scaling", type=lambda s: tuple(int(v) for v in s.split(",")), default=SCALING_USERS,
                         help="user counts of the scaling runs (comma-separated; empty string: none)")
+    parser.add_argument("--no-suite", dest="suite", action="store_false", help="leave out the leaderboard suite")
+    parser.add_argument("--no-tests", dest="tests", action="store_false", help="leave out the test suite's timings")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="apm-bench-"))
     try:
@@ -117,6 +157,10 @@ def main() -> None:
             print(f"{name:24s} {value}", flush=True)
         print("scaling (one world, cold):", flush=True)
         scaling = scaling_figures(out, args.scaling) if args.scaling else {}
+        if args.suite:
+            figures.update(suite_figure(out))
+        if args.tests:
+            figures.update(test_figures())
     finally:
         shutil.rmtree(out, ignore_errors=True)
     path = ROOT / "results" / "bench.json"
