@@ -58,6 +58,7 @@ class SimBackend(Backend):
         self.codec = StyleCodec(catalog.principles)
         self.reader = ContextReader(catalog.principles, catalog.attributes, self.codec)
         self._read: dict[tuple[Message, ...], np.ndarray] = {}
+        self._levels_memo: dict[str, np.ndarray] = {}
 
     @cached_property
     def policy(self) -> SimPolicy:
@@ -97,6 +98,14 @@ class SimBackend(Backend):
     @cached_property
     def base_map(self) -> np.ndarray:
         return base_map(self.profile, self.catalog.principles, self.catalog.attributes, self.reader.width)
+
+    def _levels(self, response: str) -> np.ndarray:
+        """A response's style vector, memoised: training scores the same responses every epoch."""
+        if response not in self._levels_memo:
+            if len(self._levels_memo) >= READ_MEMO_SIZE:
+                self._levels_memo.clear()
+            self._levels_memo[response] = self.codec.levels(response)
+        return self._levels_memo[response]
 
     def _user_evidence(self, request: GenerationRequest) -> np.ndarray:
         """The attribute phrases in what the user wrote (the reader memoises each message)."""
@@ -232,9 +241,8 @@ class SimBackend(Backend):
         """log π(response | request) with gradients: a summary's statements, or a response's style vector."""
         import torch
 
-        rows = []
         summary_rows = [i for i, r in enumerate(requests) if self.is_summary_request(r)]
-        other_rows = [i for i in range(len(requests)) if i not in set(summary_rows)]
+        other_rows = sorted(set(range(len(requests))) - set(summary_rows))
         values: dict[int, torch.Tensor] = {}
         if summary_rows:
             log_probs = self._summary_log_probs([requests[i] for i in summary_rows])
@@ -242,7 +250,7 @@ class SimBackend(Backend):
                 values[i] = self.summarizer.summary_log_prob(row, responses[i])
         if other_rows:
             subset = [requests[i] for i in other_rows]
-            styles = torch.as_tensor(np.stack([self.codec.levels(responses[i]) for i in other_rows]))
+            styles = torch.as_tensor(np.stack([self._levels(responses[i]) for i in other_rows]))
             temperatures = torch.tensor([r.params.temperature for r in subset], dtype=torch.float32)
             for i, value in zip(other_rows, self.policy.style_log_prob(self.push_for(subset), styles, temperatures)):
                 values[i] = value

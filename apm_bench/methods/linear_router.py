@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from apm_bench.methods.blas import one_blas_thread
+
 FILE = "router.npz"
 
 
@@ -45,20 +47,15 @@ class LinearRouter:
 
 
 def fit_logistic(features: np.ndarray, targets: np.ndarray, strength: float, seed: int) -> LinearRouter:
-    """Soft labels become weighted copies of each example, one per label with mass (exact soft-label CE).
-
-    The fit runs with one BLAS thread: its matrices are a few hundred rows wide, and OpenBLAS's
-    threads cost far more than they save on those (a default-run fit took 0.27 s with them, 0.024 s
-    without)."""
+    """Soft labels become weighted copies of each example, one per label with mass (exact soft-label CE)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
 
     rows, labels = np.nonzero(targets > 1e-6)
     width = features.shape[1]
     if np.unique(labels).size == 1:  # logistic regression cannot fit one label; a constant can
         return LinearRouter(np.unique(labels), np.zeros(width), np.ones(width), np.zeros((0, width)), np.zeros(0))
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         scaler = StandardScaler().fit(features[rows])
         model = LogisticRegression(C=strength, max_iter=2000, random_state=seed)
         model.fit(scaler.transform(features[rows]), labels, sample_weight=targets[rows, labels])

@@ -323,16 +323,20 @@ def train_cbpo(
     centre = RunningMean(settings.momentum)
     larger = max(len(target), len(auxiliary))
 
-    def implicit_rewards(examples: Sequence[Example], reference: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        requests = [dataclasses.replace(examples[i].request, adapter=ref) for i in rows]
-        policy = backend.sequence_logprob(requests, [examples[i].response for i in rows]).float().cpu()
+    # each example's request through the adapter, built once rather than once per batch
+    target_requests = [dataclasses.replace(e.request, adapter=ref) for e in target]
+    auxiliary_requests = [dataclasses.replace(e.request, adapter=ref) for e in auxiliary]
+
+    def implicit_rewards(examples: Sequence[Example], requests: list[GenerationRequest], reference: torch.Tensor,
+                         rows: np.ndarray) -> torch.Tensor:
+        policy = backend.sequence_logprob([requests[i] for i in rows], [examples[i].response for i in rows]).float().cpu()
         return settings.beta * (policy - reference[rows])
 
     def batch_loss(batch: list[int]) -> torch.Tensor:
         target_rows = np.asarray(batch) % len(target) if len(target) == larger else rng.integers(0, len(target), len(batch))
         auxiliary_rows = np.asarray(batch) % len(auxiliary) if len(auxiliary) == larger else rng.integers(0, len(auxiliary), len(batch))
-        g_target = implicit_rewards(target, ref_target, target_rows)
-        g_auxiliary = implicit_rewards(auxiliary, ref_auxiliary, auxiliary_rows)
+        g_target = implicit_rewards(target, target_requests, ref_target, target_rows)
+        g_auxiliary = implicit_rewards(auxiliary, auxiliary_requests, ref_auxiliary, auxiliary_rows)
         centred = centre.center(torch.cat([g_target, g_auxiliary]))
         return cbpo_loss(centred[: len(g_target)], centred[len(g_target) :], settings.positive_prior, settings.clamp)
 
@@ -354,6 +358,8 @@ def estimate_positive_prior(target_features: np.ndarray, auxiliary_features: np.
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from apm_bench.methods.blas import one_blas_thread
+
     n_target, n_auxiliary = len(target_features), len(auxiliary_features)
     folds = min(5, n_target, n_auxiliary)
     if folds < 2:
@@ -362,7 +368,8 @@ def estimate_positive_prior(target_features: np.ndarray, auxiliary_features: np.
     labelled = np.r_[np.ones(n_target), np.zeros(n_auxiliary)]
     classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_predict(classifier, features, labelled, cv=splitter, method="predict_proba")[:, 1]
+    with one_blas_thread():
+        scores = cross_val_predict(classifier, features, labelled, cv=splitter, method="predict_proba")[:, 1]
     c = float(np.clip(scores[:n_target].mean(), 1e-6, 1 - 1e-6))
     s = np.clip(scores[n_target:], 0.0, 1 - 1e-6)
     weights = np.clip((1 - c) / c * s / (1 - s), 0.0, 1.0)
