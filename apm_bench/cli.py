@@ -298,11 +298,13 @@ app.add_typer(suite_app, name="suite")
 def suite_run(
     config: Path = typer.Argument(..., help="suite YAML (e.g. configs/leaderboard.yaml)"),
     only: Optional[str] = typer.Option(None, "--only", help="run just this method (plus baseline, oracle and prior) in every setting"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="runs at once (default: one per core where every role is simulated, else 1)"),
 ) -> None:
     """Run every setting of a suite and record the runs; then `apm leaderboard` renders them."""
-    from apm_bench.reporting.suite import load_suite, run_suite
+    from apm_bench.reporting.suite import default_jobs, load_suite, plan_suite, run_suite
 
     suite = load_suite(config)
+    jobs = jobs or default_jobs([c for _, c in plan_suite(suite, only)])
     started = time.perf_counter()
     with _progress_bar(60) as bar:
         settings = bar.add_task("settings", total=None)
@@ -314,10 +316,11 @@ def suite_run(
         def show(text: str, done: int, total: int) -> None:
             bar.update(stage, description=text, completed=done, total=total)
 
-        folders = run_suite(suite, only, on_setting, show)
+        folders = run_suite(suite, only, on_setting, show, jobs=jobs)
     for folder in folders:
         console.print(f"wrote {folder}")
-    console.print(f"suite: {len(folders)} runs in {time.perf_counter() - started:.1f} s; now run `apm leaderboard`")
+    console.print(f"suite: {len(folders)} runs in {time.perf_counter() - started:.1f} s ({jobs} at a time); "
+                  "now run `apm leaderboard`")
 
 
 @app.command()

@@ -13,7 +13,8 @@ PACKAGE = Path(apm_bench.__file__).resolve().parent
 STAGES = ["foundation", "world", "engines", "judging", "methods", "run", "reporting", "faces"]
 STAGE_OF_TOP = {"world": "world", "backends": "engines", "sim": "engines", "judging": "judging",
                 "methods": "methods", "run": "run", "reporting": "reporting", "cli": "faces", "serve": "faces",
-                "errors": "foundation", "registry": "foundation", "cache": "foundation", "inputs": "foundation", "data": "foundation"}
+                "errors": "foundation", "registry": "foundation", "cache": "foundation", "inputs": "foundation", "data": "foundation",
+                "machine": "foundation"}
 
 
 def _stage(module: str) -> str | None:

@@ -123,3 +123,28 @@ def test_the_committed_leaderboard_matches_the_committed_runs(tmp_path: Path) ->
     if not runs.is_dir():
         pytest.fail("results/suite is missing: the committed leaderboard has no runs behind it")
     check(runs, REPO / "results")
+
+
+def test_runs_in_worker_processes_record_what_runs_in_turn_record(suite_runs: Path, tmp_path: Path) -> None:
+    """Two at a time, on a fresh call cache: every setting's Δ equal to the sequential suite's."""
+    suite = SuiteConfig(methods=["routing", "history"], mappings=["permutation", "dense"], n_attr=[1], worlds=[0],
+                        out=tmp_path / "runs", run={"users": 80, "cache": str(tmp_path / "fresh" / "calls.sqlite")})
+    folders = run_suite(suite, jobs=2)
+    assert len(folders) == 4 and all((f / "metrics.json").is_file() for f in folders)
+    assert [f.parent.name for f in folders] == [name.split(" ")[0] for name, _ in plan_suite(suite)]  # plan order
+    for setting in ("sim-large__permutation__nattr1", "sim-large__dense__nattr1"):
+        for control in (None, "no-history"):
+            parallel = _pooled_deltas(tmp_path / "runs" / setting, control)
+            assert parallel == _pooled_deltas(suite_runs / "runs" / setting, control)
+
+
+def test_runs_go_in_parallel_by_default_only_where_every_role_is_simulated() -> None:
+    from apm_bench.machine import usable_cpus
+    from apm_bench.reporting.suite import default_jobs
+    from apm_bench.run.config import RunConfig
+
+    simulated = [RunConfig(), RunConfig(control="no-history"), RunConfig(n_attr=2)]
+    assert default_jobs(simulated) == min(usable_cpus(), 3)
+    assert default_jobs(simulated[:1]) == 1
+    real = RunConfig(model="qwen3.5-27b", allow_simulated_roles=True)
+    assert default_jobs([*simulated, real]) == 1  # real engines would each load their model

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from apm_bench.machine import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class OnnxEncoder:
         self.model_path = model_path or packaged_model_path()
         self.cache_dir = cache_dir or model_cache_dir()
         self.batch_size = batch_size
-        self.threads = threads or _usable_cpus()
+        self.threads = threads or usable_cpus()
         #: whether this encoder exported the model (False: it reused a cached export)
         self.exported = False
         self._session: Any = None
@@ -165,13 +166,6 @@ class OnnxEncoder:
         summed = (hidden * mask[..., None]).sum(axis=1)
         pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), 1)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def export_int8(model_path: Path, target: Path, settings: ExportSettings = EXPORT) -> None:

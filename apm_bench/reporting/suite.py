@@ -11,8 +11,11 @@ call cache unchanged).
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apm_bench.errors import ConfigError, first_error
 from apm_bench.inputs import read_yaml
+from apm_bench.machine import usable_cpus
 from apm_bench.run.config import Control, MappingKind, RunConfig
 
 if TYPE_CHECKING:
@@ -82,9 +86,20 @@ def run_suite(
     only: str | None = None,
     on_setting: Callable[[str, int, int], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    jobs: int = 1,
 ) -> list[Path]:
     """Run every setting and record each run; returns the run folders."""
-    return run_plans(plan_suite(suite, only), on_setting, progress)
+    return run_plans(plan_suite(suite, only), on_setting, progress, jobs=jobs)
+
+
+def default_jobs(configs: list[RunConfig]) -> int:
+    """Runs at once when none is asked for: one per usable core where every role of every run is
+    simulated, else one. A simulated run leaves much of a core idle (its Python between φ's and
+    torch's threads), so two on two cores take about half as long; runs on real engines would
+    each load their model, and they share the run's GPU."""
+    from apm_bench.run.engines import fully_simulated
+
+    return max(1, min(usable_cpus(), len(configs))) if all(fully_simulated(c) for c in configs) else 1
 
 
 def check_plans(configs: list[RunConfig]) -> None:
@@ -101,19 +116,53 @@ def run_plans(
     on_setting: Callable[[str, int, int], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     embedder: HistoryEmbedder | None = None,
+    jobs: int = 1,
 ) -> list[Path]:
-    """Check every (name, config), then run and record each in turn; runs sharing a call cache
-    compute what they have in common once (an `embedder` shares its loaded model and memo too).
+    """Check every (name, config), then run and record each in turn, or `jobs` at a time in worker
+    processes; runs sharing a call cache compute what they have in common once (it is built for
+    concurrent runs; an `embedder` shares its loaded model and memo too, in this process only).
     Returns the run folders, in plan order."""
-    from apm_bench.reporting.results import write_run
-    from apm_bench.run.runner import run_benchmark
-
     check_plans([config for _, config in plans])
+    if jobs > 1 and len(plans) > 1:
+        return _run_in_workers(plans, min(jobs, len(plans)), on_setting)
     folders = []
     for index, (name, config) in enumerate(plans):
         if on_setting is not None:
             on_setting(name, index, len(plans))
-        started = time.perf_counter()
-        result = run_benchmark(config, progress=progress, embedder=embedder)
-        folders.append(write_run(result, time.perf_counter() - started))
+        folders.append(_run_and_write(config, progress, embedder))
     return folders
+
+
+def _run_in_workers(plans: list[tuple[str, RunConfig]], jobs: int,
+                    on_finished: Callable[[str, int, int], None] | None) -> list[Path]:
+    """Each run in a fresh (spawned) process, whose torch gets its share of the cores; the first
+    failure stops the rest and is raised here."""
+    threads = max(1, usable_cpus() // jobs)
+    context = multiprocessing.get_context("spawn")
+    folders: dict[int, Path] = {}
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_and_write, config): index for index, (_, config) in enumerate(plans)}
+        try:
+            for future in as_completed(futures):
+                folders[futures[future]] = future.result()
+                if on_finished is not None:
+                    on_finished(f"finished {plans[futures[future]][0]}", len(folders), len(plans))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [folders[index] for index in range(len(plans))]
+
+
+def _worker_threads(threads: int) -> None:
+    """Before torch is imported in the worker: its intra-op threads, one share of the cores."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _run_and_write(config: RunConfig, progress: Callable[[str, int, int], None] | None = None,
+                   embedder: HistoryEmbedder | None = None) -> Path:
+    from apm_bench.reporting.results import write_run
+    from apm_bench.run.runner import run_benchmark
+
+    started = time.perf_counter()
+    result = run_benchmark(config, progress=progress, embedder=embedder)
+    return write_run(result, time.perf_counter() - started)

@@ -129,6 +129,11 @@ def is_simulated(role: str, engine: RoleEngine) -> bool:
     return resolve_model(engine.model, engine.backend).sim is not None  # unknown names fail here, with did-you-mean
 
 
+def fully_simulated(config: RunConfig) -> bool:
+    """Every role of the run is played by the simulator: it loads no model anywhere."""
+    return all(is_simulated(role, engine) for role, engine in role_engines(config).items())
+
+
 def check_roles(config: RunConfig) -> None:
     """A real generator is never paired silently with simulated roles: the simulator's judge reads
     the simulator's marker phrases, so on real text its ratings mean nothing."""
