@@ -14,7 +14,7 @@ from apm_bench.backends.base import Backend, Capabilities, Generation, Generatio
 from apm_bench.cache import cache_key
 from apm_bench.sim.levels import base_map, level_log_probs, sample_levels, style_log_prob
 from apm_bench.sim.profile import SimProfile
-from apm_bench.sim.reader import ContextReader
+from apm_bench.sim.reader import ContextReader, memoised
 from apm_bench.sim.style import StyleCodec, stable_seed
 from apm_bench.world.catalog import Catalog
 from apm_bench.world.prompting import PREFERENCE_INSTRUCTION, SUMMARIZE_INSTRUCTION, VIBE_INSTRUCTION
@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # torch loads when something trains or simulates, not on impo
 SIM_VERSION = "6"  # bump when the simulator's behaviour changes, so old cache entries are not reused
 ADAPTER_FILE = "sim_adapter.pt"
 SUMMARIZER_ADAPTER_FILE = "sim_summarizer_adapter.pt"
-READ_MEMO_SIZE = 100_000  # contexts whose features are kept (a few hundred bytes each)
 
 
 def _adapter_path(requests: Sequence[GenerationRequest], name: str) -> Path:
@@ -80,14 +79,7 @@ class SimBackend(Backend):
     def feature_rows(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
         """What the policy reads from each context, memoised: training scores the same requests
         every epoch, and reading is the slow part of the simulator."""
-        rows = []
-        for conversation in conversations:
-            key = tuple(conversation)
-            if key not in self._read:
-                if len(self._read) >= READ_MEMO_SIZE:
-                    self._read.clear()
-                self._read[key] = self.reader.read(conversation)
-            rows.append(self._read[key])
+        rows = [memoised(self._read, tuple(conversation), self.reader.read) for conversation in conversations]
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.reader.width), dtype=np.float32)
 
     def features(self, conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
@@ -101,11 +93,7 @@ class SimBackend(Backend):
 
     def _levels(self, response: str) -> np.ndarray:
         """A response's style vector, memoised: training scores the same responses every epoch."""
-        if response not in self._levels_memo:
-            if len(self._levels_memo) >= READ_MEMO_SIZE:
-                self._levels_memo.clear()
-            self._levels_memo[response] = self.codec.levels(response)
-        return self._levels_memo[response]
+        return memoised(self._levels_memo, response, self.codec.levels)
 
     def _user_evidence(self, request: GenerationRequest) -> np.ndarray:
         """The attribute phrases in what the user wrote (the reader memoises each message)."""

@@ -11,7 +11,8 @@ A real LLM picks up four kinds of cues, and so does the simulator:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,7 +23,21 @@ from apm_bench.world.prompting import BEST_TAG, SIDE_WORDS, WORST_TAG, paper_sen
 
 _NEGATIONS = frozenset("not no avoid avoids avoiding without never dislike dislikes less hates hate non".split())
 _TAGGED = re.compile(r"<(prompt|best_response|worst_response)>.*?</\1>", re.DOTALL)
-MEMO_SIZE = 100_000  # messages whose attribute evidence is kept (a small array each)
+MEMO_SIZE = 100_000  # entries a simulator memo keeps (a small array each) before it starts afresh
+
+K = TypeVar("K")
+
+
+def memoised(memo: dict[K, np.ndarray], key: K, compute: Callable[[K], np.ndarray]) -> np.ndarray:
+    """`memo[key]`, computed on first use; a full memo is emptied rather than grown without bound.
+    The simulator reads the same messages, contexts and responses over and over (every candidate,
+    every training epoch), and reading is the slow part of it."""
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        found = memo[key] = compute(key)
+    return found
 
 
 class ContextReader:
@@ -127,10 +142,5 @@ class ContextReader:
             return self.attribute_evidence("\n".join(texts))
         total = np.zeros(self.n_attributes)
         for text in texts:
-            evidence = self._evidence_memo.get(text)
-            if evidence is None:
-                if len(self._evidence_memo) >= MEMO_SIZE:
-                    self._evidence_memo.clear()
-                evidence = self._evidence_memo[text] = self.attribute_evidence(text)
-            total += evidence
+            total += memoised(self._evidence_memo, text, self.attribute_evidence)
         return total
