@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm run test test-slow test-browser test-vllm test-gpu bench bench-vllm suite leaderboard clean
+.PHONY: setup setup-vllm run test test-slow test-browser test-vllm test-gpu bench bench-vllm suite leaderboard tiny-model tiny-report clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,14 @@ test-vllm: setup-vllm
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
+
+# apm-tiny, the small real model in apm_bench/data (shipped; this rebuilds it from seed 0, ~25 min on
+# 2 cores), and what it learned (results/apm-tiny/behaviour.md)
+tiny-model: setup
+	$(BIN)/apm tiny-model build --corpus .apm-cache/tiny-corpus.jsonl
+
+tiny-report: setup
+	$(BIN)/apm tiny-model report
 
 suite: setup
 	$(BIN)/apm suite run configs/leaderboard.yaml

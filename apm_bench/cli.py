@@ -290,6 +290,74 @@ def _print_judge_table(frame) -> None:  # type: ignore[no-untyped-def]
     console.print(table)
 
 
+tiny_app = typer.Typer(no_args_is_help=True, help="apm-tiny: a small real model that writes in the benchmark's styles.")
+app.add_typer(tiny_app, name="tiny-model")
+
+
+@tiny_app.command("build")
+def tiny_build(
+    out: Optional[Path] = typer.Option(None, help="model folder to write (default: the package's own, which the "
+                                                  "apm-tiny alias loads)"),
+    corpus: Optional[Path] = typer.Option(None, help="corpus JSONL: read where it exists, else recorded and saved there"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the corpus, the weights and the data order"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the build's own)"),
+) -> None:
+    """Record the corpus from the simulator, train the tokenizer and the model, write it with a manifest
+    (into the package, where the alias finds it, unless --out says otherwise)."""
+    from apm_bench.tiny.build import BuildConfig, build, bundled_folder
+    from apm_bench.tiny.corpus import CorpusConfig
+    from apm_bench.tiny.training import TrainingConfig
+
+    target = check_output_dir(out or bundled_folder(), "--out")
+    if corpus is not None:
+        check_output_file(corpus, "--corpus")
+    training = TrainingConfig(seed=seed, **({"steps": steps} if steps else {}))
+    config = BuildConfig(seed=seed, corpus=CorpusConfig(seed=seed), training=training)
+    manifest = build(config, target, corpus, report=console.print)
+    console.print(f"wrote {target}: {manifest['parameters']:,} parameters, {manifest['bytes'] / 2**20:.1f} MiB, "
+                  f"final loss {manifest['training']['final_loss']}, {manifest['seconds']['total_s'] / 60:.1f} min, "
+                  f"sha256 {manifest['checksum']}")
+
+
+@tiny_app.command("verify")
+def tiny_verify(folder: Optional[Path] = typer.Argument(None, help="model folder (default: the package's own)")) -> None:
+    """Check a model folder's files against the checksum in its manifest."""
+    from apm_bench.tiny.build import bundled_folder, verify
+
+    target = folder or bundled_folder()
+    manifest = verify(target)
+    console.print(f"{target}: ok, sha256 {manifest['checksum']}")
+
+
+@tiny_app.command("path")
+def tiny_path() -> None:
+    """Print the folder of the shipped apm-tiny (for `vllm serve` or any other engine)."""
+    from apm_bench.tiny.build import bundled_folder
+
+    print(bundled_folder())
+
+
+@tiny_app.command("report")
+def tiny_report(
+    model: str = typer.Option("apm-tiny", help="model to probe (an alias, hub id or path)"),
+    backend: Optional[str] = typer.Option(None, help="its engine (default: the alias's own)"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="server URL for the openai backend"),
+    per_principle: int = typer.Option(20, "--per-principle", min=1, help="prompts per principle and condition"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of prompts and sampling"),
+    out: Path = typer.Option(Path("results/apm-tiny"), help="folder for behaviour.md and its CSV files"),
+) -> None:
+    """Instruction, imitation and summary tables: the judge's score under FOLLOW / none / AVOID, next to sim-large."""
+    from apm_bench.tiny.behaviour import BehaviourConfig, behaviour_report
+
+    target = check_output_dir(out, "--out")
+    config = BehaviourConfig(prompts_per_principle=per_principle, seed=seed)
+    options = {"base_url": base_url} if base_url else {}
+    paths = behaviour_report(model, backend, options, config, target, say=console.print)
+    console.print((paths[-1]).read_text(encoding="utf-8"))
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
 suite_app = typer.Typer(no_args_is_help=True, help="The benchmark suite behind the leaderboard.")
 app.add_typer(suite_app, name="suite")
 

@@ -14,7 +14,7 @@ STAGES = ["foundation", "world", "engines", "judging", "methods", "run", "report
 STAGE_OF_TOP = {"world": "world", "backends": "engines", "sim": "engines", "judging": "judging",
                 "methods": "methods", "run": "run", "reporting": "reporting", "cli": "faces", "serve": "faces",
                 "errors": "foundation", "registry": "foundation", "cache": "foundation", "inputs": "foundation", "data": "foundation",
-                "machine": "foundation"}
+                "machine": "foundation", "tiny": "run"}
 
 
 def _stage(module: str) -> str | None:

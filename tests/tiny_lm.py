@@ -14,8 +14,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
-
 HIDDEN_SIZE = 64
 
 # ChatML, plus the `enable_thinking` switch that Qwen-style templates take through chat_template_kwargs,
@@ -52,29 +50,11 @@ def _corpus(n_words: int = 4000, n_lines: int = 3000, seed: int = 0) -> list[str
 
 
 def build_tokenizer(vocab_size: int = 2500):
-    """A byte-level BPE tokenizer with the special tokens and the ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer (apm-tiny's recipe) on made-up words, with the thinking switch in its template."""
+    from apm_bench.tiny.model import train_tokenizer
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<|pad|>",
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        padding_side="left",  # only the constructor argument is saved
-        model_max_length=512,
-    )
+    tokenizer = train_tokenizer(_corpus(), vocab_size)
+    tokenizer.model_max_length = 512
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

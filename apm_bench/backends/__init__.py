@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 from importlib import import_module, resources
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +31,24 @@ class ModelSpec(BaseModel):
     model_id: str | None = Field(default=None, description="hub id or local path the engine loads")
     sim: dict[str, Any] | None = None
     engine: dict[str, Any] = Field(default_factory=dict, description="engine options, e.g. chat_template_kwargs")
+    engine_by_backend: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options for one engine only, over `engine` (e.g. {vllm: {max_model_len: 2048}})")
+    sim_language: bool = Field(
+        default=False, description="trained on the simulator's answers: it writes the simulator's marker phrases, "
+                                   "so the simulator's judge and history writer are meaningful partners for it")
+    bundled: str | None = Field(
+        default=None, description="a model folder shipped in apm_bench/data: in-process engines load it from "
+                                  "there; over HTTP (openai) the server is asked for it by its alias")
+
+    def options(self) -> dict[str, Any]:
+        """The alias's engine options for the engine it runs on."""
+        return {**self.engine, **self.engine_by_backend.get(self.backend, {})}
+
+    def weights(self) -> str:
+        """What an in-process engine loads: the shipped folder, the hub id or path, else the alias."""
+        if self.bundled is not None:
+            return str(bundled_model(self.bundled))
+        return self.model_id or self.alias
 
 
 BackendFactory = Callable[[ModelSpec, Catalog, int, dict[str, Any]], Backend]
@@ -46,18 +65,28 @@ def _build_sim(spec: ModelSpec, catalog: Catalog, seed: int, options: dict[str, 
     return SimBackend(spec.alias, SimProfile.model_validate(spec.sim), catalog, seed=seed)
 
 
-def _engine_factory(module: str, class_name: str) -> BackendFactory:
-    """Real engines take the model id plus engine options (alias defaults, then user options)."""
+def bundled_model(name: str) -> Path:
+    """A model folder shipped in the package (`apm tiny-model build` makes apm-tiny's)."""
+    folder = Path(str(resources.files("apm_bench.data").joinpath(name)))
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"the bundled model {name!r} is missing from {folder}: build it with `apm tiny-model build`")
+    return folder
+
+
+def _engine_factory(module: str, class_name: str, in_process: bool = True) -> BackendFactory:
+    """Real engines take the model's weights (in process) or its served name (over HTTP), plus
+    engine options (the alias's, then the user's)."""
 
     def build(spec: ModelSpec, catalog: Catalog, seed: int, options: dict[str, Any]) -> Backend:
         engine_class = getattr(import_module(module), class_name)
-        return engine_class(spec.model_id or spec.alias, **{**spec.engine, **options})
+        model = spec.weights() if in_process else spec.model_id or spec.alias
+        return engine_class(model, **{**spec.options(), **options})
 
     return build
 
 
 BACKENDS.add("hf", _engine_factory("apm_bench.backends.hf", "HFBackend"))
-BACKENDS.add("openai", _engine_factory("apm_bench.backends.openai_compat", "OpenAIBackend"))
+BACKENDS.add("openai", _engine_factory("apm_bench.backends.openai_compat", "OpenAIBackend", in_process=False))
 BACKENDS.add("vllm", _engine_factory("apm_bench.backends.vllm", "VLLMBackend"))
 
 

@@ -32,6 +32,13 @@ RAG_INSTRUCTION = (
 )
 
 
+def examples_system_prompt(blocks: list[str], texts: InstructionTexts = "apm-bench") -> str:
+    """RAG's system prompt around its example blocks, in apm-bench's or the authors' words."""
+    if texts == "paper":
+        return PAPER_RAG_SYSTEM.format(examples="\n".join(blocks))
+    return RAG_INSTRUCTION + "\n\n<examples>\n" + "\n".join(blocks) + "\n</examples>"
+
+
 @dataclass(frozen=True)
 class _Example:
     user_id: str
@@ -108,9 +115,7 @@ class Rag(Personalizer):
                 excerpt = history_block(list(example.history[: self.options.history_excerpt]))
                 block = f"<similar_user_history>\n{excerpt}\n</similar_user_history>\n{block}"
             blocks.append(block)
-        if self._texts == "paper":
-            return PAPER_RAG_SYSTEM.format(examples="\n".join(blocks))
-        return RAG_INSTRUCTION + "\n\n<examples>\n" + "\n".join(blocks) + "\n</examples>"
+        return examples_system_prompt(blocks, self._texts)
 
     def personalize(self, user: UserView, prompt: str) -> Personalization:
         return self.personalize_many([user], [prompt])[0]

@@ -212,6 +212,18 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _roles_on_the_generators_model(self) -> "RunConfig":
+        """A role on the generator's model that names no engine of its own runs on the generator's
+        engine and server, so `--backend vllm` moves every role of that model (one engine, not two)."""
+        for prefix, url_field in (("candidate", "candidate_url"), ("writer", "writer_url"), ("judge", "judge_url")):
+            if getattr(self, f"{prefix}_model") != self.model or f"{prefix}_backend" in self.model_fields_set:
+                continue
+            if getattr(self, f"{prefix}_backend") is None and getattr(self, url_field) is None:
+                setattr(self, f"{prefix}_backend", self.backend)
+                setattr(self, url_field, self.base_url)
+        return self
+
+    @model_validator(mode="after")
     def _test_file_needs_a_train_file(self) -> "RunConfig":
         if self.test_conversations_file is not None and self.conversations_file is None:
             raise ValueError("test_conversations_file needs conversations_file (the training users)")

@@ -140,6 +140,8 @@ def check_roles(config: RunConfig) -> None:
     roles = role_engines(config)
     if is_simulated("generator", roles["generator"]) or config.allow_simulated_roles:
         return
+    if resolve_model(config.model, config.backend).sim_language:
+        return  # apm-tiny writes the simulator's markers: sim-judge rates its answers meaningfully
     simulated = [role for role in ROLE_OPTIONS if is_simulated(role, roles[role])]
     if simulated:
         options = ", ".join(ROLE_OPTIONS[r] for r in simulated)
@@ -150,9 +152,14 @@ def check_roles(config: RunConfig) -> None:
         )
 
 
-def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder | None = None) -> Engines:
+#: wraps each engine of a run as it is built (e.g. to record every request and answer)
+EngineWrapper = Callable[[Backend], Backend]
+
+
+def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder | None = None,
+                  wrap: EngineWrapper | None = None) -> Engines:
     """One engine per distinct (model, backend, server) among the roles, loaded on first use under
-    the run's engine budget, each behind the call cache."""
+    the run's engine budget, each behind the call cache (and inside `wrap`, where one is given)."""
     check_roles(config)
     cache = CallCache(config.cache) if config.cache is not None else None
     budget = EngineBudget(config.engine_budget)
@@ -162,6 +169,8 @@ def build_engines(config: RunConfig, catalog: Catalog, embedder: HistoryEmbedder
         if engine not in built:
             inner = load_backend(engine.model, catalog, backend=engine.backend, options=engine.engine_options())
             inner.bind_budget(budget)
+            if wrap is not None:
+                inner = wrap(inner)
             built[engine] = CachedBackend(inner, cache) if cache is not None else inner
         return built[engine]
 

@@ -43,7 +43,7 @@ from apm_bench.run.setup import (
     plan_methods,
     prompt_pools,
 )
-from apm_bench.run.engines import Engines, build_engines
+from apm_bench.run.engines import Engines, EngineWrapper, build_engines
 from apm_bench.world.catalog import Catalog
 from apm_bench.world.histories import Population
 
@@ -66,9 +66,11 @@ class RunResult:
 
 
 def run_benchmark(
-    config: RunConfig, progress: Progress | None = None, embedder: HistoryEmbedder | None = None
+    config: RunConfig, progress: Progress | None = None, embedder: HistoryEmbedder | None = None,
+    wrap_engine: EngineWrapper | None = None,
 ) -> RunResult:
-    """Run every world; pass an `embedder` to reuse its loaded model and memo across runs."""
+    """Run every world; pass an `embedder` to reuse its loaded model and memo across runs, and
+    `wrap_engine` to see every engine call (apm-tiny's corpus records the simulator's answers so)."""
     check_memory(config)
     check_output_dir(config.out, "output folder (--out)")  # found now, not after the run is computed
     variants = plan_methods(config)
@@ -79,7 +81,7 @@ def run_benchmark(
         prompt_pools(config)  # a bad prompt file fails before any engine starts
     if config.train_users is not None:  # so does a cap larger than a world's training set
         build_worlds(config, catalog, load_population(config, catalog))
-    engines = build_engines(config, catalog, embedder)
+    engines = build_engines(config, catalog, embedder, wrap_engine)
     config = config.model_copy(update={"embedder": engines.embedder.backend})  # recorded: the φ this run used
     engines.report_retries(say.detail)
     try:
