@@ -158,3 +158,15 @@ def test_the_behaviour_summary_averages_each_condition_and_counts_the_cued_side(
     assert "| **all** | 6.50 | 5.50 | 4.50 |" in markdown(summarise(scores), ["m"])
 
 
+
+
+def test_bad_input_to_the_tiny_model_commands_is_one_error_line_before_any_work(tmp_path: Path) -> None:
+    from test_cli import apm_inline
+
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"kind": "plain"}\n')
+    built = apm_inline("tiny-model", "build", "--corpus", bad, "--out", tmp_path / "model", cwd=tmp_path)
+    assert built.returncode == 2 and built.stderr.startswith("error: ") and "corpus.jsonl:1" in built.stderr
+    reported = apm_inline("tiny-model", "report", "--model", "apm-tinny", "--out", tmp_path / "report", cwd=tmp_path)
+    assert reported.returncode == 2 and "Did you mean 'apm-tiny'" in reported.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]  # nothing written

@@ -184,11 +184,12 @@ def write_behaviour(scores: pd.DataFrame, out: Path, models: list[str], header: 
 def behaviour_report(model: str, backend: str | None, options: dict, config: BehaviourConfig, out: Path,
                      say: Callable[[str], None] = lambda line: None) -> list[Path]:
     """Probe `model` and sim-large on the held-out prompts; write the scores, the summary and the tables."""
-    from apm_bench.backends import load_backend
+    from apm_bench.backends import load_backend, resolve_model
     from apm_bench.run.config import RunConfig
     from apm_bench.run.setup import load_pool_catalog
     from apm_bench.tiny.corpus import held_out_prompts
 
+    resolve_model(model, backend)  # an unknown name fails before any answer is written
     catalog = load_pool_catalog(RunConfig())
     _, prompts = held_out_prompts()
     reference = load_backend("sim-large", catalog, seed=config.seed)

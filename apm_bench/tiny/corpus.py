@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apm_bench.backends.base import Backend, Generation, GenerationRequest
+from apm_bench.errors import ConfigError, first_error
 from apm_bench.run.config import RunConfig
 from apm_bench.run.runner import run_benchmark
 from apm_bench.sim.style import stable_seed
@@ -190,7 +191,15 @@ def write_corpus(examples: list[Example], path: Path) -> None:
 
 
 def read_corpus(path: Path) -> list[Example]:
-    return [Example.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(Example.model_validate_json(line))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}:{number}: not a corpus line ({first_error(exc)})") from None
+    return examples
 
 
 def kind_counts(examples: list[Example]) -> dict[str, int]:
