@@ -280,6 +280,44 @@ def judge_calibrate(
     judge_analyze(out, out / "analysis")
 
 
+@judge_app.command("agreement")
+def judge_agreement(
+    judge_model: str = typer.Option(..., "--judge-model", help="the LLM judge to compare with sim-judge (e.g. apm-tiny)"),
+    judge_backend: Optional[str] = typer.Option(None, "--judge-backend", help="engine of the judge model"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible server of the judge"),
+    model: str = typer.Option("sim-large", help="model that writes the answers to rate"),
+    answers: int = typer.Option(300, min=10, help="answers to rate, each on its instructed principle and a random one"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of prompts, instructions and sampling"),
+    out: Path = typer.Option(Path("results/judges"), help="folder for <judge>-agreement.md, .json and .csv"),
+) -> None:
+    """Rate the same answers with an LLM judge and with sim-judge: correlation, differences, means per side.
+    The answers are to prompts no apm-tiny model was trained on."""
+    from apm_bench.backends import load_backend, resolve_model
+    from apm_bench.judging.agreement import agreement_summary, rated_pairs, write_agreement
+    from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+    from apm_bench.judging.sim_judge import SimJudge
+    from apm_bench.run.config import RunConfig
+    from apm_bench.run.setup import load_pool_catalog
+    from apm_bench.tiny.corpus import held_out_prompts
+
+    resolve_model(model), resolve_model(judge_model, judge_backend)  # an unknown name stops here, before any work
+    target = check_output_dir(out, "--out")
+    catalog = load_pool_catalog(RunConfig())
+    writer = load_backend(model, catalog, seed=seed)
+    engine = load_backend(judge_model, catalog, seed=seed, backend=judge_backend,
+                          options={"base_url": judge_url} if judge_url else {})
+    try:
+        pairs = rated_pairs(catalog, held_out_prompts()[1], writer, LLMJudge(engine, catalog.principles, LLMJudgeConfig()),
+                            SimJudge(catalog.principles), answers, seed)
+    finally:
+        engine.close()
+        writer.close()
+    paths = write_agreement(pairs, agreement_summary(pairs), target, judge_model, "sim-judge")
+    console.print(paths[-1].read_text(encoding="utf-8"))
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
 def _print_judge_table(frame) -> None:  # type: ignore[no-untyped-def]
     overall = frame[frame["pair"] == "overall"]
     table = Table(title="judge balance (overall): mean |s⁺ + s⁻ − 11|, lower is better")

@@ -62,6 +62,16 @@ def rewrite_instruction(catalog: Catalog, attributes: list[AttributeSetting], pe
     return who + "Their writing is:\n" + "\n".join(traits)
 
 
+def rewrite_messages(catalog: Catalog, text: str, attributes: list[AttributeSetting], persona: PersonaSeed | None,
+                     prompt: WriterPrompt = "apm-bench") -> tuple[Message, ...]:
+    """What the writer model is asked for one history message."""
+    if prompt == "paper":  # each history message opens a conversation of its own: no preceding turns
+        user = PAPER_REWRITE_USER.format(conversation="", prompt=text, attributes=paper_attributes(catalog, attributes))
+        return (Message("system", PAPER_REWRITE_SYSTEM), Message("user", user))
+    instruction = rewrite_instruction(catalog, attributes, persona)
+    return (Message("system", REWRITE_SYSTEM), Message("user", f"{instruction}\n\nRequest to rewrite:\n{text}"))
+
+
 class LLMHistoryWriter:
     """Rewrites neutral prompts with a language model (the paper used gpt-oss-120b).
 
@@ -85,11 +95,7 @@ class LLMHistoryWriter:
         self.truncated_rewrites = 0
 
     def messages(self, text: str, attributes: list[AttributeSetting], persona: PersonaSeed | None) -> tuple[Message, ...]:
-        if self.prompt == "paper":  # each history message opens a conversation of its own: no preceding turns
-            user = PAPER_REWRITE_USER.format(conversation="", prompt=text, attributes=paper_attributes(self.catalog, attributes))
-            return (Message("system", PAPER_REWRITE_SYSTEM), Message("user", user))
-        instruction = rewrite_instruction(self.catalog, attributes, persona)
-        return (Message("system", REWRITE_SYSTEM), Message("user", f"{instruction}\n\nRequest to rewrite:\n{text}"))
+        return rewrite_messages(self.catalog, text, attributes, persona, self.prompt)
 
     def rewrite(
         self,
