@@ -268,3 +268,22 @@ def test_a_prefilled_answer_is_continued(backend: HFBackend) -> None:
     continued = backend.generate([GenerationRequest(chat("Say something."), seed=0, params=greedy, prefill=prefix)])[0]
     assert continued.prompt_tokens > plain.prompt_tokens  # the prefill is part of the prompt
     assert (prefix + continued.text).startswith(plain.text[: len(prefix) + 1])
+
+
+def test_a_rebuilt_model_in_the_same_folder_gets_a_new_fingerprint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The call cache keys on the fingerprint: the same path with other weights must not hit the old answers."""
+    import json
+    import shutil
+
+    from apm_bench.backends.base import identified_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    first = identified_model(str(folder))
+    assert first.startswith(f"{folder}@") and identified_model(str(folder)) == first
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert identified_model(str(folder)) != first
+    (folder / "manifest.json").write_text(json.dumps({"checksum": "abc123"}))  # apm-tiny's: its checksum names it
+    assert identified_model(str(folder)) == f"{folder}@abc123"
+    assert identified_model("Qwen/Qwen3.5-27B") == "Qwen/Qwen3.5-27B"  # a hub id names its own weights

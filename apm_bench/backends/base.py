@@ -163,3 +163,30 @@ def chat(prompt: str, system: str | None = None) -> tuple[Message, ...]:
     if system is None:
         return (Message("user", prompt),)
     return (Message("system", system), Message("user", prompt))
+
+
+def identified_model(model: str) -> str:
+    """The model name for cache keys, with what identifies a local folder's weights: the same path
+    can hold other weights tomorrow (a rebuilt apm-tiny, a retrained checkpoint), and a cache keyed
+    on the path alone would answer with the old model's outputs. A folder with a `manifest.json` checksum (as
+    apm-tiny's) gives it; any other folder the names, sizes and modification times of its files
+    (hashing many GB on every run would cost more than a cache miss after a copy). A hub id names
+    its own weights and is returned as it is."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            return f"{model}@{json.loads(manifest.read_text(encoding='utf-8'))['checksum']}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return f"{model}@{digest.hexdigest()[:16]}"

@@ -33,6 +33,7 @@ from apm_bench.backends.base import (
     Generation,
     GenerationRequest,
     SamplingParams,
+    identified_model,
     within_context,
 )
 from apm_bench.errors import ConfigError
@@ -222,7 +223,7 @@ class HFBackend(Backend):
 
     def fingerprint(self) -> str:
         kwargs = json.dumps(self.chat_template_kwargs, sort_keys=True, default=str)
-        return f"{self.name}:{self.model}:{self.dtype_name}:{kwargs}"
+        return f"{self.name}:{identified_model(self.model)}:{self.dtype_name}:{kwargs}"
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         return [g.generation for g in self.generate_with_ids(requests)]

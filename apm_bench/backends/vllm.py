@@ -52,6 +52,7 @@ from apm_bench.backends.base import (
     GenerationRequest,
     Message,
     SoftPrompt,
+    identified_model,
     within_context,
 )
 from apm_bench.backends.budget import EngineBudget
@@ -719,7 +720,7 @@ class VLLMBackend(Backend):
     def fingerprint(self) -> str:
         """Model plus the options that change answers (dtype, context length, chat-template kwargs)."""
         shaping = {k: self._engine_kwargs[k] for k in ("dtype", "max_model_len") if k in self._engine_kwargs}
-        return f"{self.name}:{self.model}:" + json.dumps(
+        return f"{self.name}:{identified_model(self.model)}:" + json.dumps(
             {"engine": shaping, "chat_template_kwargs": self._chat_kwargs}, sort_keys=True, default=str
         )
 
