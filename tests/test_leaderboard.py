@@ -152,3 +152,24 @@ def test_runs_go_in_parallel_by_default_only_where_every_role_is_simulated() -> 
     assert default_jobs(simulated[:1]) == 1
     real = RunConfig(model="qwen3.5-27b", allow_simulated_roles=True)
     assert default_jobs([*simulated, real]) == 1  # real engines would each load their model
+
+
+def test_a_run_rated_by_another_judge_is_a_setting_of_its_own(suite_runs: Path, tmp_path: Path) -> None:
+    """Δ under an LLM judge is not comparable with Δ under sim-judge: never one table."""
+    import shutil
+
+    from apm_bench.reporting.leaderboard import to_markdown
+
+    source = next(f.parent for f in (suite_runs / "runs").rglob("config.json") if json.loads(f.read_text())["control"] is None)
+    runs = tmp_path / "runs"
+    for judge in ("sim-judge", "apm-tiny"):
+        folder = runs / judge / source.name
+        shutil.copytree(source, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "judge_model": None if judge == "sim-judge" else judge}))
+    frame = collect(runs)
+    assert sorted(set(frame["judge"])) == ["apm-tiny", "sim-judge"]
+    assert frame.groupby("judge")["method"].apply(sorted).to_dict() == {
+        judge: sorted(frame[frame["judge"] == "sim-judge"]["method"]) for judge in ("apm-tiny", "sim-judge")}
+    titles = [line for line in to_markdown(frame).splitlines() if line.startswith("## ")]
+    assert len(titles) == 2 and any("judge apm-tiny" in t for t in titles) and any("judge sim-judge" in t for t in titles)

@@ -29,9 +29,9 @@ BASELINE, ORACLE, PRIOR = "baseline", "oracle", "prior"
 REFERENCE_NAMES = {ORACLE: "oracle (upper bound)", PRIOR: "prior (reference: no history read)"}
 DATA_KEY = "apm-leaderboard-data"  # PNG text chunk: the hash of the CSV the plot was drawn from
 #: what makes two runs comparable: one table per distinct value
-SETTING = ["model", "engine", "mapping", "n_attr", "worlds", "users", "history_len"]
+SETTING = ["model", "engine", "judge", "mapping", "n_attr", "worlds", "users", "history_len"]
 COLUMNS = [
-    "model", "simulator", "engine", "mapping", "n_attr", "worlds", "users", "history_len", "method", "n_users",
+    "model", "simulator", "engine", "judge", "mapping", "n_attr", "worlds", "users", "history_len", "method", "n_users",
     "delta", "ci_low", "ci_high", "win", "tie", "loss", "gain", "lc_delta",
     "no_history_delta", "no_history_ci_low", "no_history_ci_high", "failed_ratings",
     "generation_calls", "training_steps", "fit_seconds", "run_id",
@@ -47,17 +47,29 @@ class Setting:
     model: str
     simulator: bool
     engine: str
+    judge: str
     mapping: str
     n_attr: int
     worlds: str
     users: int
     history_len: int
 
+    @classmethod
+    def of_row(cls, row: Any) -> Setting:
+        """The setting of a leaderboard row (a frame row or a named tuple with the setting's columns)."""
+        return cls(str(row.model), bool(row.simulator), str(row.engine), str(row.judge), str(row.mapping),
+                   int(row.n_attr), str(row.worlds), int(row.users), int(row.history_len))
+
+    @property
+    def short_title(self) -> str:
+        kind = "simulator" if self.simulator else self.engine
+        return f"{self.model} ({kind}) · {self.mapping} · n_attr {self.n_attr}"
+
     @property
     def title(self) -> str:
         kind = "simulator" if self.simulator else self.engine
-        return (f"{self.model} ({kind}) · mapping {self.mapping} · n_attr {self.n_attr} · worlds {self.worlds} · "
-                f"{self.users} users · {self.history_len} past messages")
+        return (f"{self.model} ({kind}) · judge {self.judge} · mapping {self.mapping} · n_attr {self.n_attr} · "
+                f"worlds {self.worlds} · {self.users} users · {self.history_len} past messages")
 
 
 def _engine(config: dict[str, Any]) -> str:
@@ -72,7 +84,8 @@ def _engine(config: dict[str, Any]) -> str:
 def _setting(config: dict[str, Any]) -> Setting:
     engine = _engine(config)
     return Setting(
-        model=str(config["model"]), simulator=engine == "sim", engine=engine, mapping=str(config.get("mapping", "permutation")),
+        model=str(config["model"]), simulator=engine == "sim", engine=engine, judge=str(config.get("judge_model") or "sim-judge"),
+        mapping=str(config.get("mapping", "permutation")),
         n_attr=int(config.get("n_attr", 1)), worlds=",".join(str(w) for w in config["worlds"]),
         users=int(config.get("users", 0)), history_len=int(config.get("history_len", 0)),
     )
@@ -194,10 +207,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
         "![Δ with 95 % CI per method and setting](leaderboard.png)",
     ]
     for _, rows in frame.groupby(SETTING, sort=False):
-        first = rows.iloc[0]
-        title = Setting(first.model, bool(first.simulator), first.engine, first.mapping, int(first.n_attr), first.worlds,
-                        int(first.users), int(first.history_len)).title
-        lines += ["", f"## {title}", "",
+        lines += ["", f"## {Setting.of_row(rows.iloc[0]).title}", "",
                   "| method | Δ | 95 % CI | W/T/L | gain | LC Δ | no-history Δ [95 % CI] | failures | cost (calls · steps · fit s) |",
                   "|---|---:|---|---|---:|---:|---|---:|---|"]
         for r in rows.itertuples():
@@ -227,7 +237,8 @@ def to_png(frame: pd.DataFrame, csv_text: str) -> bytes:
     figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.6 * rows), dpi=110, squeeze=False)
     for axis in axes.flat[len(groups):]:
         axis.axis("off")
-    for axis, (key, group) in zip(axes.flat, groups):
+    for axis, (_, group) in zip(axes.flat, groups):
+        title = Setting.of_row(group.iloc[0]).short_title
         group = group[group["method"] != ORACLE]
         positions = np.arange(len(group))
         errors = [group["delta"] - group["ci_low"], group["ci_high"] - group["delta"]]
@@ -235,7 +246,7 @@ def to_png(frame: pd.DataFrame, csv_text: str) -> bytes:
         axis.errorbar(positions, group["delta"], yerr=errors, fmt="none", ecolor="black", capsize=3, linewidth=1)
         axis.axhline(0, color="grey", linewidth=0.8)
         axis.set_xticks(positions, group["method"], rotation=30, ha="right", fontsize=8)
-        axis.set_title(f"{key[0]} · {key[2]} · n_attr {key[3]}", fontsize=9)
+        axis.set_title(title, fontsize=9)
         axis.set_ylabel("Δ vs baseline (95 % CI)", fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()

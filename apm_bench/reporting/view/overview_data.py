@@ -58,10 +58,8 @@ def leaderboard_payload(runs: Path, page: Path, run_page_name: str) -> dict[str,
     folders = {_run_id(folder): folder for folder in run_folders(runs)}
     settings = []
     for _, rows in frame.groupby(SETTING, sort=False):
-        first = rows.iloc[0]
-        title = Setting(first.model, bool(first.simulator), first.engine, first.mapping, int(first.n_attr),
-                        first.worlds, int(first.users), int(first.history_len)).title
-        settings.append({"title": title, "simulated": bool(first.simulator),
+        setting = Setting.of_row(rows.iloc[0])
+        settings.append({"title": setting.title, "simulated": setting.simulator,
                          "rows": [_row(row, folders, page.parent, run_page_name) for row in rows.to_dict("records")]})
     return {"kind": "leaderboard", "title": "apm-bench leaderboard", "intro": LEADERBOARD_INTRO, "settings": settings}
 
