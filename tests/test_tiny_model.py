@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from apm_bench.backends import load_backend, resolve_model
+from apm_bench.backends.base import Message
 from apm_bench.errors import ConfigError
 from apm_bench.run.config import RunConfig
 from apm_bench.run.engines import check_roles
@@ -21,7 +23,7 @@ from apm_bench.tiny.corpus import CorpusConfig, Example, balance, held_out_promp
 from apm_bench.tiny.model import TinyShape
 from apm_bench.tiny.training import TrainingConfig
 
-SMALL = CorpusConfig(runs=1, users=60, worlds=1, plain=100, per_kind={k: 40 for k in
+SMALL = CorpusConfig(runs=1, users=60, worlds=1, plain=100, judge=30, rewrite=20, per_kind={k: 40 for k in
                                                             ("instruction", "summary-context", "summary-request",
                                                              "examples", "history", "bare")})
 MINIATURE = TinyShape(vocab_size=400, hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1, context=1024)
@@ -34,10 +36,47 @@ def corpus() -> list[Example]:
 
 def test_the_corpus_holds_every_kind_of_context_methods_send(corpus: list[Example]) -> None:
     counts = kind_counts(corpus)
-    assert set(counts) == {"plain", "instruction", "summary-context", "summary-request", "examples", "history", "bare"}
-    assert counts.pop("plain") == 100 and all(0 < n <= 40 for n in counts.values())
+    assert set(counts) == {"plain", "instruction", "summary-context", "summary-request", "examples", "history", "bare",
+                           "judge", "rewrite"}
+    assert (counts.pop("plain"), counts.pop("judge"), counts.pop("rewrite")) == (100, 30, 20)
+    assert all(0 < n <= 40 for n in counts.values())
     examples = next(e for e in corpus if e.kind == "examples")
     assert "<best_response>" in examples.messages[0][1] and "<worst_response>" in examples.messages[0][1]
+
+
+def test_judge_examples_are_the_llm_judges_request_answered_with_sim_judges_score(corpus: list[Example]) -> None:
+    """What apm-tiny learns as a judge is exactly what the LLM judge asks and what sim-judge answers."""
+    from apm_bench.judging.judge_prompts import parse_judge_messages
+    from apm_bench.judging.sim_judge import SimJudge
+
+    catalog = load_pool_catalog(RunConfig())
+    judged = [e for e in corpus if e.kind == "judge"]
+    sim = SimJudge(catalog.principles)
+    measured, taught, words = [], [], 0
+    for example in judged:
+        principle, _, response = parse_judge_messages([Message(role, content) for role, content in example.messages])
+        assert 1 <= int(example.answer) <= 10
+        if principle not in catalog.principle_ids:  # a word of an antonym pair, as `apm judge calibrate` asks
+            words += principle in catalog.antonyms.descriptions
+            continue
+        measured.append(sim.codec.measure(response)[catalog.principle_ids.index(principle)])
+        taught.append(int(example.answer))
+    assert words == len(judged) - len(taught) > 0
+    assert min(taught) <= 3 and max(taught) >= 8  # both ends of the scale are taught, not only the midpoint
+    assert np.corrcoef(measured, taught)[0, 1] > 0.8  # the score is the one the answer's markers earn
+
+
+def test_rewrite_examples_keep_the_request_and_show_the_traits(corpus: list[Example]) -> None:
+    from apm_bench.backends.history_writer import REWRITE_SYSTEM
+
+    rewrites = [e for e in corpus if e.kind == "rewrite"]
+    catalog = load_pool_catalog(RunConfig())
+    phrases = {phrase for a in catalog.attributes for side in ("follow", "avoid") for phrase in a.side(side).phrases}
+    for example in rewrites:
+        assert example.messages[0] == ("system", REWRITE_SYSTEM)
+        request = example.messages[1][1].split("Request to rewrite:\n", 1)[1]
+        assert request in example.answer
+    assert sum(any(phrase in e.answer for phrase in phrases) for e in rewrites) > len(rewrites) / 2
 
 
 def test_no_prompt_evaluation_uses_reaches_the_corpus(corpus: list[Example]) -> None:

@@ -33,8 +33,8 @@ CORPUS_METHODS = ("baseline", "oracle", "history", "routing", "rag", "popi")
 
 #: examples per kind of context: instructions most (candidates, oracle, routing), the long kinds
 #: (retrieved examples, histories, summary requests) fewer; about 5.3 M tokens in all
-DEFAULT_MIX = {"instruction": 8000, "summary-context": 5000, "summary-request": 2500, "examples": 2000,
-               "history": 2000, "bare": 2000}
+DEFAULT_MIX = {"instruction": 8000, "summary-context": 5000, "summary-request": 2500, "examples": 4000,
+               "history": 3000, "bare": 2000}
 
 
 class CorpusConfig(BaseModel):
@@ -47,6 +47,9 @@ class CorpusConfig(BaseModel):
     test_fraction: float = Field(default=0.5, gt=0, lt=1, description="test users per recorded run: their "
                                                                      "requests carry histories and examples")
     plain: int = Field(default=24000, ge=0, description="first-lesson examples (`plain_examples`)")
+    judge: int = Field(default=6000, ge=0, description="LLM-judge requests rated as `sim-judge` rates (`judge_examples`)")
+    rewrite: int = Field(default=3000, ge=0, description="history-writer requests rewritten as the simulator's "
+                                                         "writer does (`rewrite_examples`)")
     per_kind: dict[str, int] = Field(
         default_factory=lambda: dict(DEFAULT_MIX),
         description="at most this many examples of each kind of context (kinds not named: none)")
@@ -135,7 +138,11 @@ def record_corpus(config: CorpusConfig) -> list[Example]:
             )
             run_benchmark(run_config, wrap_engine=lambda engine: RecordingBackend(engine, recorded))
     first = plain_examples(config.teacher, trainable, config.plain, config.seed)
-    return first + balance(recorded, config.per_kind, config.seed)
+    generator = balance(recorded, config.per_kind, config.seed)
+    answers = [e for e in generator if e.kind != "summary-request"]  # summaries are not answers to rate
+    roles = (judge_examples([e.answer for e in answers], [e.messages[-1][1] for e in answers], config.judge, config.seed)
+             + rewrite_examples(trainable, config.rewrite, config.seed))
+    return first + shuffled(generator + roles, config.seed)
 
 
 #: the kind of the short first-lesson examples (`plain_examples`)
@@ -149,10 +156,9 @@ def plain_examples(teacher: str, prompts: list[NeutralPrompt], count: int, seed:
     contexts of real runs that signal is too diluted to be found from scratch."""
     from apm_bench.backends import load_backend
     from apm_bench.backends.base import chat
-    from apm_bench.run.setup import load_pool_catalog
     from apm_bench.world.prompting import style_instruction
 
-    catalog = load_pool_catalog(RunConfig())
+    catalog = _catalog()
     rng = np.random.default_rng([seed, 0x9A1])
     requests = []
     for i in range(count):
@@ -183,6 +189,80 @@ def balance(examples: list[Example], per_kind: dict[str, int], seed: int) -> lis
         picks = rng.permutation(len(rows))[: per_kind.get(kind, 0)]
         kept.extend(rows[i] for i in sorted(picks))
     return [kept[i] for i in rng.permutation(len(kept))]
+
+
+def shuffled(examples: list[Example], seed: int) -> list[Example]:
+    rng = np.random.default_rng([seed, 0x5F1])
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+#: the kinds of the other roles' requests: the LLM judge's and the history writer's
+JUDGE, REWRITE = "judge", "rewrite"
+
+
+def judge_examples(answers: list[str], prompts: list[str], count: int, seed: int) -> list[Example]:
+    """The LLM judge's rubric request for answers the teacher wrote, answered with `sim-judge`'s
+    score. Of every four, two are rated on a principle the answer shows most (so high and low
+    scores occur as often as runs produce them), one on a principle drawn at random (mostly the
+    midpoint), and one on a word of an antonym pair, as `apm judge calibrate` asks."""
+    from apm_bench.judging.calibration import SimProxyJudge, antonym_principles
+    from apm_bench.judging.judge import RatingRequest
+    from apm_bench.judging.judge_prompts import judge_messages
+    from apm_bench.judging.sim_judge import SimJudge
+
+    if count == 0 or not answers:
+        return []
+    catalog = _catalog()
+    judge = SimJudge(catalog.principles)
+    words = antonym_principles(catalog.antonyms) if catalog.antonyms is not None else []
+    by_word = SimProxyJudge(judge, catalog.antonyms) if words else None
+    rng = np.random.default_rng([seed, 0x10D6])
+    examples = []
+    for n, index in enumerate(rng.choice(len(answers), size=count, replace=count > len(answers))):
+        prompt, answer = prompts[int(index)], answers[int(index)]
+        shown = np.abs(judge.codec.measure(answer))
+        if n % 4 == 3 and by_word is not None:
+            principle, rater = words[int(rng.integers(len(words)))], by_word
+        elif n % 4 < 2 and shown.any():
+            principle, rater = catalog.principles[int(rng.choice(np.flatnonzero(shown == shown.max())))], judge
+        else:
+            principle, rater = catalog.principles[int(rng.integers(len(catalog.principles)))], judge
+        rating = rater.rate([RatingRequest(prompt, answer, principle.id, seed=stable_seed("tiny-judge", seed, n))])[0]
+        if rating.score is not None:
+            messages = [(m.role, m.content) for m in judge_messages(principle, prompt, answer)]
+            examples.append(Example(kind=JUDGE, messages=messages, answer=str(int(round(rating.score)))))
+    return examples
+
+
+def rewrite_examples(prompts: list[NeutralPrompt], count: int, seed: int) -> list[Example]:
+    """The history writer's request (`LLMHistoryWriter`'s wording) for a trainable prompt and a
+    drawn user (one or two attributes on drawn sides, a persona or none), answered with the
+    simulator's writer's rewrite: the request verbatim, wrapped in phrases that show the traits."""
+    from apm_bench.backends.history_writer import rewrite_messages
+    from apm_bench.sim.writer import SimHistoryWriter
+    from apm_bench.world.users import AttributeSetting
+
+    catalog = _catalog()
+    writer = SimHistoryWriter(catalog)
+    rng = np.random.default_rng([seed, 0x3E7])
+    examples = []
+    for _ in range(count):
+        chosen = rng.choice(len(catalog.attributes), size=int(rng.integers(1, 3)), replace=False)
+        attributes = [AttributeSetting(attribute=catalog.attributes[int(i)].id,
+                                       side="follow" if rng.random() < 0.5 else "avoid") for i in chosen]
+        persona = catalog.seeds[int(rng.integers(len(catalog.seeds)))] if rng.random() < 0.5 else None
+        text = prompts[int(rng.integers(len(prompts)))].text
+        messages = rewrite_messages(catalog, text, attributes, persona)
+        answer = writer.rewrite([text], attributes, persona, rng)[0]
+        examples.append(Example(kind=REWRITE, messages=[(m.role, m.content) for m in messages], answer=answer))
+    return examples
+
+
+def _catalog():  # type: ignore[no-untyped-def]
+    """The catalog of a default run: the principles and attributes the roles are asked about."""
+    from apm_bench.run.setup import load_pool_catalog
+
+    return load_pool_catalog(RunConfig())
 
 
 def write_corpus(examples: list[Example], path: Path) -> None:

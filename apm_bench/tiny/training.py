@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(default=3500, ge=1, description="optimizer steps")
+    steps: int = Field(default=5000, ge=1, description="optimizer steps")
     tokens_per_batch: int = Field(default=1536, ge=64, description="padded tokens per step (small batches, "
                                                                    "many steps: reading the context is learned late)")
     max_train_tokens: int = Field(default=1024, ge=32, description="longer examples are left out of training")

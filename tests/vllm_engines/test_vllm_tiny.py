@@ -1,19 +1,45 @@
 """apm-tiny on a real vLLM engine (its CPU build here): the alias loads the shipped folder with
-its vLLM options, and the model follows instructions there as it does on hf."""
+its vLLM options, and the model follows instructions there as it does on hf; served by vLLM's
+OpenAI-compatible server under its alias, the openai backend reaches the same model."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
+from local_server import free_port, start, stop, wait_until_serving
+
+from apm_bench.tiny.build import bundled_folder
 
 from apm_bench.tiny.behaviour import BehaviourConfig, behaviour_report
 
 
+def _instruction_row(backend: str, options: dict, out: Path) -> pd.Series:
+    behaviour_report("apm-tiny", backend, options, BehaviourConfig(prompts_per_principle=4), out)
+    summary = pd.read_csv(out / "behaviour.csv")
+    return summary[(summary["probe"] == "instruction") & (summary["model"] == "apm-tiny")
+                   & (summary["principle"] == "all")].iloc[0]
+
+
 def test_apm_tiny_follows_instructions_on_vllm(tmp_path: Path) -> None:
-    behaviour_report("apm-tiny", "vllm", {}, BehaviourConfig(prompts_per_principle=4), tmp_path)
-    summary = pd.read_csv(tmp_path / "behaviour.csv")
-    row = summary[(summary["probe"] == "instruction") & (summary["model"] == "apm-tiny")
-                  & (summary["principle"] == "all")].iloc[0]
-    # on hf, 20 prompts per principle: FOLLOW 7.54, none 5.46, AVOID 3.19 (README)
+    row = _instruction_row("vllm", {}, tmp_path)
+    # on hf, 20 prompts per principle: see the README's "What it learned"
+    assert row["follow"] > row["none"] > row["avoid"] and row["gap"] > 2.5, row.to_dict()
+
+
+def test_apm_tiny_served_by_vllms_api_server_answers_the_openai_backend(tmp_path: Path) -> None:
+    """The README's served path: `--served-model-name apm-tiny`, and the alias asks for that name."""
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundled_folder()),
+               "--served-model-name", "apm-tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", "2048", "--no-enable-chunked-prefill"]
+    log = tmp_path / "server.log"
+    server = start(command, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until_serving(url, server, log, timeout=300)
+        row = _instruction_row("openai", {"base_url": url}, tmp_path / "report")
+    finally:
+        stop(server)
     assert row["follow"] > row["none"] > row["avoid"] and row["gap"] > 2.5, row.to_dict()
