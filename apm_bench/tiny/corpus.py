@@ -24,6 +24,7 @@ from apm_bench.errors import ConfigError, first_error
 from apm_bench.run.config import RunConfig
 from apm_bench.run.runner import run_benchmark
 from apm_bench.sim.style import stable_seed
+from apm_bench.world.catalog import Catalog
 from apm_bench.world.prompts import NeutralPrompt, load_prompts, split_prompt_pools
 
 #: the methods whose requests the corpus records (the weight-training ones send the same texts
@@ -32,7 +33,8 @@ CORPUS_METHODS = ("baseline", "oracle", "history", "routing", "rag", "popi")
 
 
 #: examples per kind of context: instructions most (candidates, oracle, routing), the long kinds
-#: (retrieved examples, histories, summary requests) fewer; about 5.3 M tokens in all
+#: (retrieved examples, histories, summary requests) fewer; three default runs record about 3 000
+#: retrieved-example contexts, so that quota is a ceiling
 DEFAULT_MIX = {"instruction": 8000, "summary-context": 5000, "summary-request": 2500, "examples": 4000,
                "history": 3000, "bare": 2000}
 
@@ -258,7 +260,7 @@ def rewrite_examples(prompts: list[NeutralPrompt], count: int, seed: int) -> lis
     return examples
 
 
-def _catalog():  # type: ignore[no-untyped-def]
+def _catalog() -> Catalog:
     """The catalog of a default run: the principles and attributes the roles are asked about."""
     from apm_bench.run.setup import load_pool_catalog
 
