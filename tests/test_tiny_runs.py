@@ -18,8 +18,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "apm-tiny.yaml"
 
 
 def _config(tmp: Path, **changes: object) -> RunConfig:
-    settings = {**read_yaml(CONFIG, "apm-tiny config"), "methods": ["routing"], "users": USERS, "cache": tmp / "calls.sqlite",
-                "out": tmp / "runs", **changes}
+    # the config's population at USERS users, every training user fitted (its train_users cap is for 1 200)
+    settings = {**read_yaml(CONFIG, "apm-tiny config"), "methods": ["routing"], "users": USERS, "train_users": None,
+                "cache": tmp / "calls.sqlite", "out": tmp / "runs", **changes}
     return RunConfig.model_validate(settings)
 
 
