@@ -36,8 +36,9 @@ def deltas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, tupl
 
 def test_the_oracle_beats_the_baseline_and_routing(deltas) -> None:  # type: ignore[no-untyped-def]
     """apm-tiny follows instructions (the oracle's), but its own candidates are too noisy a
-    signal for routing to beat the baseline yet: at 400 users routing measured +0.12
-    [−0.31, +0.55] against the oracle's +1.35 [+0.85, +1.84] (README). Routing must not beat the oracle."""
+    signal for routing to beat the baseline yet: at 400 users the previous build's routing
+    measured +0.12 [−0.31, +0.55] against the oracle's +1.35 [+0.85, +1.84] (README). Routing must
+    not beat the oracle."""
     oracle, routing = deltas["history"]["oracle"], deltas["history"]["routing"]
     assert oracle[1] > 0, oracle
     assert oracle[0] > routing[2], (oracle, routing)
