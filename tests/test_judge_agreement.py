@@ -77,4 +77,7 @@ def test_bad_input_to_the_command_is_one_error_line_before_any_work(tmp_path: Pa
     assert len(unknown.stderr.strip().splitlines()) == 1
     few = apm_inline("judge", "agreement", "--judge-model", "apm-tiny", "--answers", "5", "--out", tmp_path / "o", cwd=tmp_path)
     assert few.returncode == 2 and "--answers" in few.stderr
+    engine = apm_inline("judge", "agreement", "--judge-model", "apm-tiny", "--judge-backend", "vlm", "--out", tmp_path / "o",
+                        cwd=tmp_path)
+    assert engine.returncode == 2 and engine.stderr.startswith("error: unknown backend 'vlm'")
     assert list(tmp_path.iterdir()) == []  # nothing written
