@@ -296,21 +296,22 @@ def judge_agreement(
     from apm_bench.judging.agreement import agreement_summary, rated_pairs, write_agreement
     from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
     from apm_bench.judging.sim_judge import SimJudge
-    from apm_bench.run.config import RunConfig
-    from apm_bench.run.setup import load_pool_catalog
-    from apm_bench.tiny.corpus import held_out_prompts
+    from apm_bench.tiny.corpus import default_catalog, held_out_prompts
 
     resolve_model(model), resolve_model(judge_model, judge_backend)  # an unknown name stops here, before any work
     target = check_output_dir(out, "--out")
-    catalog = load_pool_catalog(RunConfig())
+    catalog = default_catalog()
     writer = load_backend(model, catalog, seed=seed)
-    engine = load_backend(judge_model, catalog, seed=seed, backend=judge_backend,
-                          options={"base_url": judge_url} if judge_url else {})
     try:
-        pairs = rated_pairs(catalog, held_out_prompts()[1], writer, LLMJudge(engine, catalog.principles, LLMJudgeConfig()),
-                            SimJudge(catalog.principles), answers, seed)
+        engine = load_backend(judge_model, catalog, seed=seed, backend=judge_backend,
+                              options={"base_url": judge_url} if judge_url else {})
+        try:
+            pairs = rated_pairs(catalog, held_out_prompts()[1], writer,
+                                LLMJudge(engine, catalog.principles, LLMJudgeConfig()), SimJudge(catalog.principles),
+                                answers, seed)
+        finally:
+            engine.close()
     finally:
-        engine.close()
         writer.close()
     paths = write_agreement(pairs, agreement_summary(pairs), target, judge_model, "sim-judge")
     console.print(paths[-1].read_text(encoding="utf-8"))

@@ -160,7 +160,7 @@ def plain_examples(teacher: str, prompts: list[NeutralPrompt], count: int, seed:
     from apm_bench.backends.base import chat
     from apm_bench.world.prompting import style_instruction
 
-    catalog = _catalog()
+    catalog = default_catalog()
     rng = np.random.default_rng([seed, 0x9A1])
     requests = []
     for i in range(count):
@@ -214,7 +214,7 @@ def judge_examples(answers: list[str], prompts: list[str], count: int, seed: int
 
     if count == 0 or not answers:
         return []
-    catalog = _catalog()
+    catalog = default_catalog()
     judge = SimJudge(catalog.principles)
     words = antonym_principles(catalog.antonyms) if catalog.antonyms is not None else []
     by_word = SimProxyJudge(judge, catalog.antonyms) if words else None
@@ -244,7 +244,7 @@ def rewrite_examples(prompts: list[NeutralPrompt], count: int, seed: int) -> lis
     from apm_bench.sim.writer import SimHistoryWriter
     from apm_bench.world.users import AttributeSetting
 
-    catalog = _catalog()
+    catalog = default_catalog()
     writer = SimHistoryWriter(catalog)
     rng = np.random.default_rng([seed, 0x3E7])
     examples = []
@@ -260,7 +260,7 @@ def rewrite_examples(prompts: list[NeutralPrompt], count: int, seed: int) -> lis
     return examples
 
 
-def _catalog() -> Catalog:
+def default_catalog() -> Catalog:
     """The catalog of a default run: the principles and attributes the roles are asked about."""
     from apm_bench.run.setup import load_pool_catalog
 
