@@ -23,6 +23,7 @@ from apm_bench.methods.training import (
     simpo_loss,
     train_cbpo,
     train_preference,
+    with_references,
 )
 
 
@@ -154,6 +155,22 @@ def test_cbpo_training_moves_the_policy_towards_the_target_style(sim, catalog) -
     before = [follow(g.text)[0] for g in sim.generate([GenerationRequest(request.messages, seed=s) for s in range(200)])]
     after = [follow(g.text)[0] for g in sim.generate([GenerationRequest(request.messages, seed=s, adapter=AdapterRef("tgt")) for s in range(200)])]
     assert np.mean(after) > np.mean(before) + 0.5
+
+
+def test_cbpo_trains_the_same_on_references_computed_once(sim, catalog) -> None:  # type: ignore[no-untyped-def]
+    """C-BPO's per-label adapters share their examples: references computed once, before any
+    adapter exists, must train exactly as references computed inside each training."""
+    principle = catalog.principles[0].id
+    target = _examples(sim, catalog, principle, "follow", 16, 0)
+    auxiliary = _examples(sim, catalog, principle, "avoid", 16, 100)
+    referenced = with_references(sim, target + auxiliary)
+    assert all(e.reference is not None for e in referenced)
+    settings = CbpoSettings(positive_prior=0.25, epochs=3, learning_rate=0.05, batch_size=8)
+    sim.create_adapter("inside", rank=4, seed=0)
+    sim.create_adapter("once", rank=4, seed=0)
+    inside = train_cbpo(sim, "inside", target, auxiliary, settings)
+    once = train_cbpo(sim, "once", referenced[:16], referenced[16:], settings)
+    assert once.losses == pytest.approx(inside.losses, rel=1e-5, abs=1e-6)
 
 
 def test_preference_training_with_dpo_and_simpo(sim, catalog) -> None:  # type: ignore[no-untyped-def]

@@ -42,7 +42,14 @@ from apm_bench.methods.trained import (
     trainer,
     training_request,
 )
-from apm_bench.methods.training import CbpoSettings, Example, TrainingRecord, estimate_positive_prior, train_cbpo
+from apm_bench.methods.training import (
+    CbpoSettings,
+    Example,
+    TrainingRecord,
+    estimate_positive_prior,
+    train_cbpo,
+    with_references,
+)
 
 LABELS_FILE = "labels.json"
 
@@ -126,10 +133,15 @@ class Cbpo(Personalizer):
         return labelled
 
     def _train_all(self, engine: Any, key: str, groups: list[tuple[FitUser, list[str]]], labels: list[int], context: FitContext) -> None:
+        counts = np.bincount(labels, minlength=len(context.feedback.labels))
+        trained = [int(l) for l in np.flatnonzero(counts >= self.options.min_users)]
+        if not trained:
+            return
         features = history_features(context, [u for u, _ in groups])
         examples = [[Example(training_request(u.prompt), r) for r in responses] for u, responses in groups]
-        counts = np.bincount(labels, minlength=len(context.feedback.labels))
-        for label in [int(l) for l in np.flatnonzero(counts >= self.options.min_users)]:
+        referenced = iter(with_references(engine, [e for row in examples for e in row]))
+        examples = [[next(referenced) for _ in row] for row in examples]
+        for label in trained:
             inside = np.asarray(labels) == label
             target = [e for row, chosen in zip(examples, inside) if chosen for e in row]
             auxiliary = [e for row, chosen in zip(examples, inside) if not chosen for e in row]

@@ -291,6 +291,22 @@ class Example:
 
     request: GenerationRequest
     response: str
+    #: log π_ref(response | request) once computed (`with_references`): C-BPO trains one adapter per
+    #: label on the same examples, and the reference model does not change between them
+    reference: float | None = None
+
+
+def with_references(backend: Any, examples: Sequence[Example]) -> list[Example]:
+    values = reference_logprobs(backend, [e.request for e in examples], [e.response for e in examples])
+    return [dataclasses.replace(e, reference=float(v)) for e, v in zip(examples, values.tolist())]
+
+
+def _references(backend: Any, examples: Sequence[Example]) -> torch.Tensor:
+    import torch
+
+    if all(e.reference is not None for e in examples):
+        return torch.tensor([e.reference for e in examples])
+    return reference_logprobs(backend, [e.request for e in examples], [e.response for e in examples])
 
 
 @dataclass(frozen=True)
@@ -316,8 +332,7 @@ def train_cbpo(
 
     if not target or not auxiliary:
         raise ValueError(f"{adapter}: C-BPO needs target and auxiliary examples")
-    ref_target = reference_logprobs(backend, [e.request for e in target], [e.response for e in target])
-    ref_auxiliary = reference_logprobs(backend, [e.request for e in auxiliary], [e.response for e in auxiliary])
+    ref_target, ref_auxiliary = _references(backend, target), _references(backend, auxiliary)
     ref = AdapterRef(adapter)
     rng = np.random.default_rng(settings.seed)
     centre = RunningMean(settings.momentum)
