@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm run test test-slow test-browser test-vllm test-gpu bench bench-vllm suite leaderboard tiny-model tiny-report clean
+.PHONY: setup setup-vllm run test test-slow test-browser test-vllm test-gpu bench bench-vllm suite leaderboard tiny-model tiny-judge tiny-report clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,10 @@ test-gpu: setup
 # 2 cores), and what it learned (results/apm-tiny/behaviour.md)
 tiny-model: setup
 	$(BIN)/apm tiny-model build --corpus .apm-cache/tiny-corpus.jsonl
+
+# apm-tiny-judge: apm-tiny fine-tuned on judge requests (shipped; this rebuilds it, ~50 min on 2 cores)
+tiny-judge: setup
+	$(BIN)/apm tiny-model build-judge
 
 tiny-report: setup
 	$(BIN)/apm tiny-model report

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from apm_bench.errors import ApmError
+from apm_bench.errors import ApmError, UnknownNameError
 from apm_bench.inputs import check_output_dir, check_output_file
 
 if TYPE_CHECKING:
@@ -285,6 +285,8 @@ def judge_agreement(
     judge_model: str = typer.Option(..., "--judge-model", help="the LLM judge to compare with sim-judge (e.g. apm-tiny)"),
     judge_backend: Optional[str] = typer.Option(None, "--judge-backend", help="engine of the judge model"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible server of the judge"),
+    judge_weighted: bool = typer.Option(False, "--judge-weighted", help="probability-weighted scores (the expected "
+                                                                       "score over 1..10), as runs rate with --judge-weighted"),
     model: str = typer.Option("sim-large", help="model that writes the answers to rate"),
     answers: int = typer.Option(300, min=10, help="answers to rate, each on its instructed principle and a random one"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of prompts, instructions and sampling"),
@@ -307,13 +309,13 @@ def judge_agreement(
                               options={"base_url": judge_url} if judge_url else {})
         try:
             pairs = rated_pairs(catalog, held_out_prompts()[1], writer,
-                                LLMJudge(engine, catalog.principles, LLMJudgeConfig()), SimJudge(catalog.principles),
+                                LLMJudge(engine, catalog.principles, LLMJudgeConfig(weighted=judge_weighted)), SimJudge(catalog.principles),
                                 answers, seed)
         finally:
             engine.close()
     finally:
         writer.close()
-    paths = write_agreement(pairs, agreement_summary(pairs), target, judge_model, "sim-judge")
+    paths = write_agreement(pairs, agreement_summary(pairs), target, judge_model, "sim-judge", judge_weighted)
     console.print(paths[-1].read_text(encoding="utf-8"))
     for path in paths:
         console.print(f"wrote {path}")
@@ -358,22 +360,46 @@ def tiny_build(
                   f"sha256 {manifest['checksum']}")
 
 
-@tiny_app.command("verify")
-def tiny_verify(folder: Optional[Path] = typer.Argument(None, help="model folder (default: the package's own)")) -> None:
-    """Check a model folder's files against the checksum in its manifest."""
+@tiny_app.command("build-judge")
+def tiny_build_judge(
+    out: Optional[Path] = typer.Option(None, help="model folder to write (default: the package's own, which the "
+                                                  "apm-tiny-judge alias loads)"),
+    base: Optional[Path] = typer.Option(None, help="apm-tiny folder to start from (default: the shipped one)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the answers, the ratings and the data order"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the build's own)"),
+) -> None:
+    """Fine-tune apm-tiny on LLM-judge requests rated by sim-judge; write apm-tiny-judge with a manifest."""
     from apm_bench.tiny.build import bundled_folder, verify
+    from apm_bench.tiny.judge import JUDGE_TRAINING, JudgeBuildConfig, build_judge
 
-    target = folder or bundled_folder()
-    manifest = verify(target)
-    console.print(f"{target}: ok, sha256 {manifest['checksum']}")
+    target = check_output_dir(out or bundled_folder("apm-tiny-judge"), "--out")
+    if base is not None:
+        verify(base)
+    training = JUDGE_TRAINING.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
+    manifest = build_judge(JudgeBuildConfig(seed=seed, training=training), target, base, report=console.print)
+    console.print(f"wrote {target}: validation Pearson {manifest['validation']['pearson_before']} → "
+                  f"{manifest['validation']['pearson']}, {manifest['seconds']['total_s'] / 60:.1f} min, "
+                  f"{manifest['bytes'] / 2**20:.1f} MiB, sha256 {manifest['checksum']}")
+
+
+@tiny_app.command("verify")
+def tiny_verify(folder: Optional[Path] = typer.Argument(None, help="model folder (default: every shipped one)")) -> None:
+    """Check a model folder's files against the checksum in its manifest."""
+    from apm_bench.tiny.build import SHIPPED, bundled_folder, verify
+
+    for target in [folder] if folder is not None else [bundled_folder(name) for name in SHIPPED]:
+        manifest = verify(target)
+        console.print(f"{target}: ok, sha256 {manifest['checksum']}")
 
 
 @tiny_app.command("path")
-def tiny_path() -> None:
-    """Print the folder of the shipped apm-tiny (for `vllm serve` or any other engine)."""
-    from apm_bench.tiny.build import bundled_folder
+def tiny_path(name: str = typer.Argument("apm-tiny", help="apm-tiny or apm-tiny-judge")) -> None:
+    """Print the folder of a shipped model (for `vllm serve` or any other engine)."""
+    from apm_bench.tiny.build import SHIPPED, bundled_folder
 
-    print(bundled_folder())
+    if name not in SHIPPED:
+        raise UnknownNameError(f"no shipped model {name!r}; shipped: {', '.join(SHIPPED)}")
+    print(bundled_folder(name))
 
 
 @tiny_app.command("report")

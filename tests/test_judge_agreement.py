@@ -66,7 +66,10 @@ def test_failed_ratings_are_counted_and_left_out_of_the_statistics(tmp_path: Pat
     paths = write_agreement(pairs, summary, tmp_path, "judge/x", "sim-judge")
     assert [p.name for p in paths] == ["judge_x-agreement.csv", "judge_x-agreement.json", "judge_x-agreement.md"]
     assert json.loads(paths[1].read_text())["failed"] == 40
-    assert "40 ratings failed" in paths[2].read_text()
+    assert "40 ratings failed" in paths[2].read_text() and "scores sampled" in paths[2].read_text()
+    weighted = write_agreement(pairs, summary, tmp_path, "judge/x", "sim-judge", weighted=True)
+    assert weighted[2].name == "judge_x_weighted-agreement.md" and paths[2].is_file()  # beside the sampled one
+    assert json.loads(weighted[1].read_text())["scores"] == "weighted"
 
 
 def test_bad_input_to_the_command_is_one_error_line_before_any_work(tmp_path: Path) -> None:

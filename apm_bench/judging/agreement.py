@@ -82,12 +82,15 @@ def _rounded(value: float) -> float | None:
     return None if pd.isna(value) else round(float(value), 4)
 
 
-def write_agreement(pairs: pd.DataFrame, summary: dict, out: Path, judge_name: str, reference_name: str) -> list[Path]:
-    """`<judge>-agreement.csv` (every pair), `.json` (the summary) and `.md` (the tables)."""
+def write_agreement(pairs: pd.DataFrame, summary: dict, out: Path, judge_name: str, reference_name: str,
+                    weighted: bool = False) -> list[Path]:
+    """`<judge>-agreement.csv` (every pair), `.json` (the summary) and `.md` (the tables); a judge's
+    weighted scores go to `<judge>_weighted-agreement.*` (as `apm judge calibrate` names them), beside its sampled ones."""
     from apm_bench.judging.calibration import judge_file_name
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{judge_file_name(judge_name)}-agreement"
+    summary = {**summary, "scores": "weighted" if weighted else "sampled"}
+    stem = out / f"{judge_file_name(judge_name)}{'_weighted' if weighted else ''}-agreement"
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".md")]
     pairs.to_csv(paths[0], index=False)
     paths[1].write_text(json.dumps({"judge": judge_name, "reference": reference_name, **summary}, indent=2) + "\n",
@@ -101,7 +104,8 @@ def agreement_markdown(summary: dict, judge_name: str, reference_name: str) -> s
         return "–" if value is None else format(value, form)
 
     lines = [f"# {judge_name} against {reference_name}", "",
-             f"{summary['pairs']} (answer, principle) pairs; {summary['failed']} ratings failed.", "",
+             f"{summary['pairs']} (answer, principle) pairs; {summary['failed']} ratings failed; "
+             f"{judge_name}'s scores {summary.get('scores', 'sampled')}.", "",
              "| Pearson | Spearman | mean abs. diff. | exact | within 1 |", "|---:|---:|---:|---:|---:|",
              f"| {cell(summary['pearson'], '.3f')} | {cell(summary['spearman'], '.3f')} | "
              f"{cell(summary['mean_abs_diff'], '.2f')} | {cell(summary['exact'], '.0%')} | {cell(summary['within_one'], '.0%')} |",

@@ -15,13 +15,17 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from apm_bench.errors import ConfigError
 from apm_bench.tiny.corpus import PLAIN, CorpusConfig, Example, held_out_prompts, kind_counts, read_corpus, record_corpus, write_corpus
 from apm_bench.tiny.model import TinyShape, new_model, train_tokenizer
-from apm_bench.tiny.training import TrainingConfig, context_use, train
+from apm_bench.tiny.training import TrainingConfig, TrainingLog, context_use, train
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 MANIFEST = "manifest.json"
 #: the files a model folder's checksum covers (everything an engine reads)
@@ -38,9 +42,13 @@ class BuildConfig(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
-def bundled_folder() -> Path:
-    """Where the package keeps apm-tiny (apm_bench/data/apm-tiny), which the alias loads."""
-    return Path(str(resources.files("apm_bench.data").joinpath("apm-tiny")))
+#: the model folders the package ships, and the command that rebuilds each
+SHIPPED = {"apm-tiny": "apm tiny-model build", "apm-tiny-judge": "apm tiny-model build-judge"}
+
+
+def bundled_folder(name: str = "apm-tiny") -> Path:
+    """Where the package keeps a shipped model (apm_bench/data/<name>), which its alias loads."""
+    return Path(str(resources.files("apm_bench.data").joinpath(name)))
 
 
 def checksum(folder: Path) -> str:
@@ -61,16 +69,16 @@ def verify(folder: Path) -> dict:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     found = checksum(folder)
     if found != manifest["checksum"]:
-        raise ConfigError(f"apm-tiny in {folder} does not match its manifest (sha256 {found[:12]}…, "
-                          f"recorded {manifest['checksum'][:12]}…): rebuild it with `apm tiny-model build`")
+        name = manifest.get("model", "apm-tiny")
+        raise ConfigError(f"{name} in {folder} does not match its manifest (sha256 {found[:12]}…, "
+                          f"recorded {manifest['checksum'][:12]}…): rebuild it with "
+                          f"`{SHIPPED.get(name, SHIPPED['apm-tiny'])}`")
     return manifest
 
 
 def build(config: BuildConfig, out: Path, corpus_file: Path | None = None,
           report: Callable[[str], None] = lambda line: None) -> dict:
     """Build apm-tiny into `out`; a corpus file, where given and present, is read instead of recorded."""
-    import torch
-
     times: dict[str, float] = {}
     started = time.perf_counter()
     if corpus_file is not None and corpus_file.is_file():
@@ -96,20 +104,37 @@ def build(config: BuildConfig, out: Path, corpus_file: Path | None = None,
                     f"{v:.3f}" for v in context_use(model, tokenizer, probe).values()))
     times["training_s"] = time.perf_counter() - mark
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.to(torch.float16).save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
     _, held_out = held_out_prompts()
-    manifest = {
+    return write_model_folder(model, tokenizer, out, {
         "model": "apm-tiny",
         "build": config.model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "corpus": {"examples": len(examples), "by_kind": kind_counts(examples), "left_out_as_too_long": log.left_out},
         "held_out_prompts": [p.id for p in held_out],
         "context_use": context_use(model, tokenizer, probe),
-        "training": {"steps": log.steps, "tokens": log.tokens, "final_loss": round(log.final_loss, 4),
-                     "tokens_per_s": round(log.tokens / max(log.seconds, 1e-9)), "threads": torch.get_num_threads()},
+        "training": training_summary(log),
+    }, times, started)
+
+
+def training_summary(log: TrainingLog) -> dict:
+    import torch
+
+    return {"steps": log.steps, "tokens": log.tokens, "final_loss": round(log.final_loss, 4),
+            "tokens_per_s": round(log.tokens / max(log.seconds, 1e-9)), "threads": torch.get_num_threads()}
+
+
+def write_model_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path, manifest: dict,
+                       times: dict[str, float], started: float) -> dict:
+    """Save fp16 weights and the tokenizer with a manifest (what was built, how long it took, its
+    size and checksum); the folder appears whole or not at all."""
+    import torch
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.to(torch.float16).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    manifest = {
+        **manifest,
         "seconds": {**{k: round(v, 1) for k, v in times.items()}, "total_s": round(time.perf_counter() - started, 1)},
         "bytes": sum((partial / name).stat().st_size for name in CHECKSUMMED if (partial / name).is_file()),
         "checksum": checksum(partial),
