@@ -43,3 +43,30 @@ def test_apm_tiny_served_by_vllms_api_server_answers_the_openai_backend(tmp_path
     finally:
         stop(server)
     assert row["follow"] > row["none"] > row["avoid"] and row["gap"] > 2.5, row.to_dict()
+
+
+def test_apm_tiny_judge_on_vllm_rates_as_it_does_on_hf_and_agrees_with_sim_judge() -> None:
+    """The judge alias on vLLM, with weighted scores read from vLLM's logprobs: the same model as on
+    hf (same weights, float32), so the same ratings up to kernel rounding, and sim-judge's order."""
+    from apm_bench.backends import load_backend
+    from apm_bench.judging.agreement import agreement_summary, rated_pairs
+    from apm_bench.judging.llm_judge import LLMJudge, LLMJudgeConfig
+    from apm_bench.judging.sim_judge import SimJudge
+    from apm_bench.tiny.corpus import default_catalog, held_out_prompts
+
+    catalog = default_catalog()
+    writer = load_backend("sim-large", catalog)
+
+    def pairs(backend: str) -> pd.DataFrame:
+        engine = load_backend("apm-tiny-judge", catalog, backend=backend)
+        try:
+            judge = LLMJudge(engine, catalog.principles, LLMJudgeConfig(weighted=True))
+            return rated_pairs(catalog, held_out_prompts()[1], writer, judge, SimJudge(catalog.principles), 60, seed=5)
+        finally:
+            engine.close()
+
+    on_vllm, on_hf = pairs("vllm"), pairs("hf")
+    summary = agreement_summary(on_vllm)
+    assert summary["failed"] == 0 and summary["pearson"] > 0.25, summary
+    assert on_vllm["judge"].corr(on_hf["judge"]) > 0.97
+    assert (on_vllm["judge"] - on_hf["judge"]).abs().max() < 0.5
