@@ -308,9 +308,8 @@ def judge_agreement(
         engine = load_backend(judge_model, catalog, seed=seed, backend=judge_backend,
                               options={"base_url": judge_url} if judge_url else {})
         try:
-            pairs = rated_pairs(catalog, held_out_prompts()[1], writer,
-                                LLMJudge(engine, catalog.principles, LLMJudgeConfig(weighted=judge_weighted)), SimJudge(catalog.principles),
-                                answers, seed)
+            judge = LLMJudge(engine, catalog.principles, LLMJudgeConfig(weighted=judge_weighted))
+            pairs = rated_pairs(catalog, held_out_prompts()[1], writer, judge, SimJudge(catalog.principles), answers, seed)
         finally:
             engine.close()
     finally:
@@ -369,12 +368,10 @@ def tiny_build_judge(
     steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the build's own)"),
 ) -> None:
     """Fine-tune apm-tiny on LLM-judge requests rated by sim-judge; write apm-tiny-judge with a manifest."""
-    from apm_bench.tiny.build import bundled_folder, verify
+    from apm_bench.tiny.build import bundled_folder
     from apm_bench.tiny.judge import JUDGE_TRAINING, JudgeBuildConfig, build_judge
 
     target = check_output_dir(out or bundled_folder("apm-tiny-judge"), "--out")
-    if base is not None:
-        verify(base)
     training = JUDGE_TRAINING.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
     manifest = build_judge(JudgeBuildConfig(seed=seed, training=training), target, base, report=console.print)
     console.print(f"wrote {target}: validation Pearson {manifest['validation']['pearson_before']} → "

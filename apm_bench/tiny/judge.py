@@ -110,13 +110,14 @@ def build_judge(config: JudgeBuildConfig, out: Path, base: Path | None = None,
 
     base = base or bundled_folder()
     base_manifest = verify(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    score_tokens(tokenizer)  # a base it cannot read scores from stops here, before any work
     started = time.perf_counter()
     examples = rating_examples(config.teacher, config.answers, config.ratings, config.seed)
     held = rating_examples(config.teacher, max(1, config.validation // 2), config.validation, config.seed + 1)
     times = {"corpus_s": time.perf_counter() - started}
     report(f"corpus: {len(examples)} ratings of {config.answers} answers; {len(held)} held for validation")
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
     before = agreement(model, tokenizer, held)
     report(f"validation Pearson before training: {before:.3f}")
