@@ -282,7 +282,7 @@ def judge_calibrate(
 
 @judge_app.command("agreement")
 def judge_agreement(
-    judge_model: str = typer.Option(..., "--judge-model", help="the LLM judge to compare with sim-judge (e.g. apm-tiny)"),
+    judge_model: str = typer.Option(..., "--judge-model", help="the LLM judge to compare with sim-judge (e.g. apm-tiny-judge)"),
     judge_backend: Optional[str] = typer.Option(None, "--judge-backend", help="engine of the judge model"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible server of the judge"),
     judge_weighted: bool = typer.Option(False, "--judge-weighted", help="probability-weighted scores (the expected "

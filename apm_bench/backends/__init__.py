@@ -65,9 +65,14 @@ def _build_sim(spec: ModelSpec, catalog: Catalog, seed: int, options: dict[str, 
     return SimBackend(spec.alias, SimProfile.model_validate(spec.sim), catalog, seed=seed)
 
 
+def bundled_path(name: str) -> Path:
+    """Where the package keeps the model folder `name` (apm_bench/data/<name>), built or not."""
+    return Path(str(resources.files("apm_bench.data").joinpath(name)))
+
+
 def bundled_model(name: str) -> Path:
     """A model folder shipped in the package (`apm tiny-model build` makes apm-tiny's)."""
-    folder = Path(str(resources.files("apm_bench.data").joinpath(name)))
+    folder = bundled_path(name)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"the bundled model {name!r} is missing from {folder}: build it with `apm tiny-model build`")
     return folder

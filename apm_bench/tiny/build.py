@@ -13,7 +13,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,8 +46,10 @@ SHIPPED = {"apm-tiny": "apm tiny-model build", "apm-tiny-judge": "apm tiny-model
 
 
 def bundled_folder(name: str = "apm-tiny") -> Path:
-    """Where the package keeps a shipped model (apm_bench/data/<name>), which its alias loads."""
-    return Path(str(resources.files("apm_bench.data").joinpath(name)))
+    """Where the package keeps a shipped model, which its alias loads (the build's default target)."""
+    from apm_bench.backends import bundled_path
+
+    return bundled_path(name)
 
 
 def checksum(folder: Path) -> str:
